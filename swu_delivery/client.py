@@ -1,0 +1,946 @@
+"""Python client for swu-delivery: build emails and send them over gRPC, async or sync.
+
+Every failed call raises one exception type:
+
+    SwuError                   (swu_delivery.errors)
+    └── ClientError            a call failed; `code` is its grpc.StatusCode, `message` its details
+
+Per-item rejections inside a batch are not exceptions: they come back as `SendResult.error`
+(`send_batch`) or as `Rejection`s in a `BulkReport` (`send_bulk`).
+
+    async with AsyncClient("127.0.0.1:50051") as client:
+        report = await client.send_bulk(email("welcome", row["to"], row) for row in rows)
+
+Create an `AsyncClient` inside a running event loop; `Client` is the same API over a synchronous
+channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import grpc
+import grpc.aio
+import orjson
+
+from swu_delivery._proto.swu.delivery.v1 import (
+    common_pb2,
+    delivery_pb2,
+    delivery_pb2_grpc,
+    template_pb2,
+    template_pb2_grpc,
+)
+from swu_delivery.errors import SwuError
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+__all__ = [
+    "DEFAULT_CHANNEL_OPTIONS",
+    "AddressLike",
+    "AsyncClient",
+    "AttachmentLike",
+    "BulkReport",
+    "Client",
+    "ClientError",
+    "LocaleContents",
+    "Rejection",
+    "email",
+]
+
+AddressLike: TypeAlias = "str | tuple[str, str] | common_pb2.Address"
+AttachmentLike: TypeAlias = "delivery_pb2.Attachment | tuple[str, str, bytes]"
+LocaleContents: TypeAlias = "Mapping[str, Mapping[str, str]] | Iterable[template_pb2.LocaleContent]"
+ProgressCallback: TypeAlias = "Callable[[BulkReport], None]"
+
+_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the server's default receive limit
+DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+)
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class ClientError(SwuError):
+    """A gRPC call failed; `code` is the status and `message` the server's details."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+    def __repr__(self) -> str:
+        return f"ClientError({self.code.name}, {self.message!r})"
+
+
+@contextmanager
+def _rpc_errors() -> Iterator[None]:
+    """Turn any grpc.RpcError raised inside the block into a ClientError."""
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise _client_error(exc) from None
+
+
+def _client_error(exc: grpc.RpcError) -> ClientError:
+    """The ClientError for a sync or async RpcError (the base class itself has no status)."""
+    code = getattr(exc, "code", None)
+    details = getattr(exc, "details", None)
+    status = code() if callable(code) else grpc.StatusCode.UNKNOWN
+    message = details() if callable(details) else str(exc)
+    return ClientError(status, message or "")
+
+
+# --- building requests ----------------------------------------------------------------------
+
+
+def _address(value: AddressLike, name: str = "") -> common_pb2.Address:
+    """An Address from "a@b.com", ("a@b.com", "Name") or an Address message."""
+    if isinstance(value, common_pb2.Address):
+        return value
+    if isinstance(value, str):
+        return common_pb2.Address(email=value, name=name)
+    addr, display = value
+    return common_pb2.Address(email=addr, name=display)
+
+
+def _attachment(value: AttachmentLike) -> delivery_pb2.Attachment:
+    """An Attachment from a message or a (filename, content_type, content) tuple."""
+    if isinstance(value, delivery_pb2.Attachment):
+        return value
+    filename, content_type, content = value
+    return delivery_pb2.Attachment(filename=filename, content_type=content_type, content=content)
+
+
+def _priority(value: int | str) -> delivery_pb2.Priority.ValueType:
+    """A Priority from its number, its name, or its short name ("bulk", "transactional")."""
+    if isinstance(value, str):
+        upper = value.upper()
+        return delivery_pb2.Priority.Value(
+            upper if upper.startswith("PRIORITY_") else f"PRIORITY_{upper}"
+        )
+    for known in delivery_pb2.Priority.values():
+        if known == value:
+            return known
+    raise ValueError(f"priority: unknown value {value}")
+
+
+def email(
+    template_id: str,
+    to: AddressLike,
+    data: Mapping[str, Any] | None = None,
+    *,
+    name: str = "",
+    locale: str = "",
+    template_version: int = 0,
+    cc: Iterable[AddressLike] = (),
+    bcc: Iterable[AddressLike] = (),
+    reply_to: AddressLike | None = None,
+    sender: AddressLike | None = None,
+    headers: Mapping[str, str] | None = None,
+    tags: Iterable[str] = (),
+    metadata: Mapping[str, str] | None = None,
+    idempotency_key: str = "",
+    attachments: Iterable[AttachmentLike] = (),
+    priority: int | str | None = None,
+    send_at: datetime | None = None,
+    validate_render: bool = False,
+) -> delivery_pb2.Email:
+    """One templated Email; `data` is JSON-encoded, `name` names a plain-string `to`."""
+    msg = delivery_pb2.Email(
+        template_id=template_id,
+        template_version=template_version,
+        locale=locale,
+        to=_address(to, name),
+        cc=[_address(a) for a in cc],
+        bcc=[_address(a) for a in bcc],
+        data_json=orjson.dumps(data).decode() if data is not None else "",
+        headers=headers,
+        tags=tags,
+        metadata=metadata,
+        idempotency_key=idempotency_key,
+        attachments=[_attachment(a) for a in attachments],
+        validate_render=validate_render,
+    )
+    if reply_to is not None:
+        msg.reply_to.CopyFrom(_address(reply_to))
+    if sender is not None:
+        msg.sender.CopyFrom(_address(sender))
+    if priority is not None:
+        msg.priority = _priority(priority)
+    if send_at is not None:
+        msg.send_at.FromDatetime(send_at)  # a naive datetime is taken as UTC
+    return msg
+
+
+def _locale_contents(contents: LocaleContents) -> list[template_pb2.LocaleContent]:
+    """LocaleContent messages from {locale: {"subject", "html", "text"}} or messages."""
+    if isinstance(contents, Mapping):
+        return [
+            template_pb2.LocaleContent(
+                locale=locale,
+                subject=parts.get("subject", ""),
+                html=parts.get("html", ""),
+                text=parts.get("text", ""),
+            )
+            for locale, parts in contents.items()
+        ]
+    return list(contents)
+
+
+# --- bulk results ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rejection:
+    """One item the service refused: its input position, status code and reason."""
+
+    index: int
+    code: grpc.StatusCode
+    message: str
+    field: str = ""
+
+
+@dataclass(kw_only=True)
+class BulkReport:
+    """What `send_bulk` did; `accepted` counts duplicates too, which `duplicates` counts again."""
+
+    accepted: int = 0
+    duplicates: int = 0
+    rejected: list[Rejection] = field(default_factory=list)
+    message_ids: list[str] = field(default_factory=list)  # input order; "" for rejected items
+    elapsed: float = 0.0  # seconds, from the first call to the last result
+
+    @property
+    def done(self) -> int:
+        """Items with a result so far."""
+        return len(self.message_ids)
+
+    def add(self, result: delivery_pb2.SendResult) -> None:
+        """Fold one result (with its input index) into the report."""
+        self.message_ids.append(result.message_id)
+        if result.message_id:
+            self.accepted += 1
+            self.duplicates += result.duplicate
+            return
+        err = result.error
+        self.rejected.append(
+            Rejection(
+                index=result.index,
+                code=_CODES.get(err.code, grpc.StatusCode.UNKNOWN),
+                message=err.message,
+                field=err.field,
+            )
+        )
+
+
+def _indexed(
+    results: Sequence[delivery_pb2.SendResult], offset: int
+) -> list[delivery_pb2.SendResult]:
+    """The results renumbered by input position, starting at `offset`."""
+    out = list(results)
+    for i, result in enumerate(out):
+        result.index = offset + i
+    return out
+
+
+def _chunks(emails: Iterable[delivery_pb2.Email], size: int) -> Iterator[list[delivery_pb2.Email]]:
+    """Lists of at most `size` emails, read lazily."""
+    chunk: list[delivery_pb2.Email] = []
+    for item in emails:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+async def _achunks(
+    emails: Iterable[delivery_pb2.Email] | AsyncIterable[delivery_pb2.Email], size: int
+) -> AsyncIterator[list[delivery_pb2.Email]]:
+    """Lists of at most `size` emails from a sync or async source, read lazily."""
+    if not isinstance(emails, AsyncIterable):
+        for chunk in _chunks(emails, size):
+            yield chunk
+        return
+    batch: list[delivery_pb2.Email] = []
+    async for item in emails:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _check_bulk_args(batch_size: int, concurrency: int) -> None:
+    """Refuse bulk settings the service or the pipeline cannot honour."""
+    if not 1 <= batch_size <= 1000:
+        raise ValueError("batch_size: must be 1..1000")
+    if concurrency < 1:
+        raise ValueError("concurrency: must be at least 1")
+
+
+# --- async client ---------------------------------------------------------------------------
+
+
+class AsyncClient:
+    """The swu-delivery API over a grpc.aio channel; use `async with` or call `close()`."""
+
+    def __init__(
+        self,
+        target: str | grpc.aio.Channel,
+        *,
+        channel_options: Sequence[tuple[str, Any]] = DEFAULT_CHANNEL_OPTIONS,
+        timeout: float | None = 30.0,
+    ) -> None:
+        self._owns_channel = isinstance(target, str)
+        if isinstance(target, str):
+            self.channel = grpc.aio.insecure_channel(target, options=channel_options)
+        else:
+            self.channel = target
+        self.timeout = timeout  # per unary call; streams have no deadline
+        self._delivery = delivery_pb2_grpc.DeliveryServiceStub(self.channel)
+        self._templates = template_pb2_grpc.TemplateServiceStub(self.channel)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel if this client opened it."""
+        if self._owns_channel:
+            await self.channel.close(None)
+
+    # sending
+
+    async def send(self, message: delivery_pb2.Email) -> delivery_pb2.SendResponse:
+        """Send one email; a rejection raises ClientError."""
+        with _rpc_errors():
+            return await self._delivery.Send(
+                delivery_pb2.SendRequest(email=message), timeout=self.timeout
+            )
+
+    async def send_batch(
+        self, emails: Iterable[delivery_pb2.Email]
+    ) -> list[delivery_pb2.SendResult]:
+        """Send up to 1000 emails in one call; one result per email, in order."""
+        request = delivery_pb2.SendBatchRequest(emails=emails)
+        with _rpc_errors():
+            response = await self._delivery.SendBatch(request, timeout=self.timeout)
+        return list(response.results)
+
+    async def send_iter(
+        self,
+        emails: Iterable[delivery_pb2.Email] | AsyncIterable[delivery_pb2.Email],
+        *,
+        batch_size: int = 500,
+        concurrency: int = 4,
+        stream: bool = False,
+    ) -> AsyncIterator[delivery_pb2.SendResult]:
+        """Send any number of emails in chunks; yield results in input order, indexed from 0."""
+        async for results in self._result_chunks(emails, batch_size, concurrency, stream):
+            for result in results:
+                yield result
+
+    async def send_bulk(
+        self,
+        emails: Iterable[delivery_pb2.Email] | AsyncIterable[delivery_pb2.Email],
+        *,
+        batch_size: int = 500,
+        concurrency: int = 4,
+        stream: bool = False,
+        on_progress: ProgressCallback | None = None,
+    ) -> BulkReport:
+        """Send any number of emails in chunks and tally the results in input order."""
+        report = BulkReport()
+        start = time.monotonic()
+        async for results in self._result_chunks(emails, batch_size, concurrency, stream):
+            for result in results:
+                report.add(result)
+            report.elapsed = time.monotonic() - start
+            if on_progress is not None:
+                on_progress(report)
+        report.elapsed = time.monotonic() - start
+        return report
+
+    async def _result_chunks(
+        self,
+        emails: Iterable[delivery_pb2.Email] | AsyncIterable[delivery_pb2.Email],
+        batch_size: int,
+        concurrency: int,
+        stream: bool,
+    ) -> AsyncIterator[list[delivery_pb2.SendResult]]:
+        """Chunks of results, in input order, with input indices."""
+        _check_bulk_args(batch_size, concurrency)
+        chunks = _achunks(emails, batch_size)
+        source = self._stream_chunks if stream else self._batch_chunks
+        offset = 0
+        async for results in source(chunks, concurrency):
+            yield _indexed(results, offset)
+            offset += len(results)
+
+    async def _batch_chunks(
+        self, chunks: AsyncIterator[list[delivery_pb2.Email]], concurrency: int
+    ) -> AsyncIterator[Sequence[delivery_pb2.SendResult]]:
+        """SendBatch per chunk, up to `concurrency` in flight; results in chunk order."""
+        pending: deque[asyncio.Task[list[delivery_pb2.SendResult]]] = deque()
+        try:
+            async for chunk in chunks:
+                pending.append(asyncio.create_task(self.send_batch(chunk)))
+                if len(pending) >= concurrency:
+                    yield await pending.popleft()
+            while pending:
+                yield await pending.popleft()
+        finally:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _stream_chunks(
+        self, chunks: AsyncIterator[list[delivery_pb2.Email]], concurrency: int
+    ) -> AsyncIterator[Sequence[delivery_pb2.SendResult]]:
+        """One SendStream call, up to `concurrency` chunks awaiting results at once."""
+        call = self._delivery.SendStream(None)  # written with call.write()
+        window = asyncio.Semaphore(concurrency)
+        ends: deque[int] = deque()  # cumulative item count at the end of each written chunk
+        written = 0
+
+        async def write_all() -> None:
+            nonlocal written
+            try:
+                async for chunk in chunks:
+                    await window.acquire()
+                    written += len(chunk)
+                    ends.append(written)
+                    await call.write(delivery_pb2.SendStreamRequest(emails=chunk))
+                await call.done_writing()
+            except BaseException:
+                call.cancel()  # unblocks the reader
+                raise
+
+        writer = asyncio.create_task(write_all())
+        received = 0
+        try:
+            while True:
+                try:
+                    response = await call.read()
+                except asyncio.CancelledError:
+                    failed = writer.done() and not writer.cancelled()
+                    source_error = writer.exception() if failed else None
+                    if source_error is not None:
+                        raise source_error from None
+                    raise
+                except grpc.RpcError as exc:
+                    raise _client_error(exc) from None
+                if not isinstance(response, delivery_pb2.SendStreamResponse):
+                    break  # grpc.aio.EOF
+                received += len(response.results)
+                while ends and ends[0] <= received:
+                    ends.popleft()
+                    window.release()
+                yield response.results
+            with _rpc_errors():
+                await writer
+            if received != written:
+                raise ClientError(
+                    grpc.StatusCode.DATA_LOSS,
+                    f"stream ended with {received} results for {written} emails",
+                )
+        finally:
+            if not writer.done():
+                writer.cancel()
+                call.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+
+    # messages and previews
+
+    async def get_message(self, message_id: str) -> delivery_pb2.Message:
+        """A message's state and event history; NOT_FOUND raises ClientError."""
+        request = delivery_pb2.GetMessageRequest(message_id=message_id)
+        with _rpc_errors():
+            response = await self._delivery.GetMessage(request, timeout=self.timeout)
+        return response.message
+
+    async def render(
+        self,
+        template_id: str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        locale: str = "",
+        version: int = 0,
+    ) -> delivery_pb2.RenderResponse:
+        """Render a template with `data` without sending anything."""
+        request = _render_request(template_id, data, locale, version)
+        with _rpc_errors():
+            return await self._delivery.Render(request, timeout=self.timeout)
+
+    # templates
+
+    async def create_template(
+        self,
+        template_id: str,
+        contents: LocaleContents,
+        *,
+        default_locale: str = "en",
+        description: str = "",
+    ) -> template_pb2.CreateTemplateResponse:
+        """Create a template; its first version is active."""
+        request = template_pb2.CreateTemplateRequest(
+            template_id=template_id,
+            description=description,
+            default_locale=default_locale,
+            contents=_locale_contents(contents),
+        )
+        with _rpc_errors():
+            return await self._templates.CreateTemplate(request, timeout=self.timeout)
+
+    async def update_template(
+        self,
+        template_id: str,
+        contents: LocaleContents,
+        *,
+        default_locale: str = "en",
+        description: str = "",
+        draft: bool = False,
+    ) -> template_pb2.UpdateTemplateResponse:
+        """Store a new version, active unless `draft`; a non-empty description replaces it."""
+        request = template_pb2.UpdateTemplateRequest(
+            template_id=template_id,
+            default_locale=default_locale,
+            contents=_locale_contents(contents),
+            draft=draft,
+            description=description,
+        )
+        with _rpc_errors():
+            return await self._templates.UpdateTemplate(request, timeout=self.timeout)
+
+    async def put_template(
+        self,
+        template_id: str,
+        contents: LocaleContents,
+        *,
+        default_locale: str = "en",
+        description: str = "",
+        draft: bool = False,
+    ) -> template_pb2.UpdateTemplateResponse:
+        """Create the template, or store a new version if it exists (a new one is never a draft)."""
+        items = _locale_contents(contents)
+        try:
+            created = await self.create_template(
+                template_id, items, default_locale=default_locale, description=description
+            )
+        except ClientError as exc:
+            if exc.code != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+        else:
+            return template_pb2.UpdateTemplateResponse(
+                template=created.template, version=created.version
+            )
+        return await self.update_template(
+            template_id, items, default_locale=default_locale, description=description, draft=draft
+        )
+
+    async def get_template(
+        self, template_id: str, version: int = 0
+    ) -> template_pb2.GetTemplateResponse:
+        """A template and one of its versions (0: the active one)."""
+        request = template_pb2.GetTemplateRequest(template_id=template_id, version=version)
+        with _rpc_errors():
+            return await self._templates.GetTemplate(request, timeout=self.timeout)
+
+    async def list_templates(self, *, page_size: int = 0) -> AsyncIterator[template_pb2.Template]:
+        """Every template, following page tokens."""
+        token = ""
+        while True:
+            request = template_pb2.ListTemplatesRequest(page_size=page_size, page_token=token)
+            with _rpc_errors():
+                response = await self._templates.ListTemplates(request, timeout=self.timeout)
+            for template in response.templates:
+                yield template
+            token = response.next_page_token
+            if not token:
+                return
+
+    async def delete_template(self, template_id: str) -> None:
+        """Soft-delete a template: new sends are refused."""
+        request = template_pb2.DeleteTemplateRequest(template_id=template_id)
+        with _rpc_errors():
+            await self._templates.DeleteTemplate(request, timeout=self.timeout)
+
+    async def list_template_versions(self, template_id: str) -> list[template_pb2.TemplateVersion]:
+        """A template's versions, newest first, without contents."""
+        request = template_pb2.ListTemplateVersionsRequest(template_id=template_id)
+        with _rpc_errors():
+            response = await self._templates.ListTemplateVersions(request, timeout=self.timeout)
+        return list(response.versions)
+
+    async def activate_template_version(
+        self, template_id: str, version: int
+    ) -> template_pb2.Template:
+        """Make `version` the one new sends use."""
+        request = template_pb2.ActivateTemplateVersionRequest(
+            template_id=template_id, version=version
+        )
+        with _rpc_errors():
+            response = await self._templates.ActivateTemplateVersion(request, timeout=self.timeout)
+        return response.template
+
+
+def _render_request(
+    template_id: str, data: Mapping[str, Any] | None, locale: str, version: int
+) -> delivery_pb2.RenderRequest:
+    """The Render request for a template, data, locale and version."""
+    return delivery_pb2.RenderRequest(
+        template_id=template_id,
+        template_version=version,
+        locale=locale,
+        data_json=orjson.dumps(data).decode() if data is not None else "",
+    )
+
+
+# --- sync client ----------------------------------------------------------------------------
+
+
+class _RequestFeed:
+    """Chunked requests for a sync SendStream, at most `window` chunks ahead of the results."""
+
+    def __init__(self, chunks: Iterator[list[delivery_pb2.Email]], window: int) -> None:
+        self._chunks = chunks
+        self._window = threading.Semaphore(window)
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+        self.ends: deque[int] = deque()
+        self.written = 0
+        self.error: BaseException | None = None  # raised by the source, seen by the caller
+
+    def __iter__(self) -> Iterator[delivery_pb2.SendStreamRequest]:
+        try:
+            for chunk in self._chunks:
+                while not self._window.acquire(timeout=0.1):
+                    if self._stopped.is_set():
+                        return
+                with self._lock:
+                    self.written += len(chunk)
+                    self.ends.append(self.written)
+                yield delivery_pb2.SendStreamRequest(emails=chunk)
+        except Exception as exc:  # grpc would swallow it into a CANCELLED status
+            self.error = exc
+            raise
+
+    def received(self, count: int) -> None:
+        """Results up to `count` arrived: open the window for the chunks they complete."""
+        with self._lock:
+            while self.ends and self.ends[0] <= count:
+                self.ends.popleft()
+                self._window.release()
+
+    def stop(self) -> None:
+        """Let a blocked feed thread end."""
+        self._stopped.set()
+
+
+def _future_results(
+    future: grpc.Future[delivery_pb2.SendBatchResponse],
+) -> Sequence[delivery_pb2.SendResult]:
+    """The results of a finished SendBatch future; its failure raises ClientError."""
+    with _rpc_errors():
+        return future.result().results
+
+
+class Client:
+    """The swu-delivery API over a synchronous grpc channel; use `with` or call `close()`."""
+
+    def __init__(
+        self,
+        target: str | grpc.Channel,
+        *,
+        channel_options: Sequence[tuple[str, Any]] = DEFAULT_CHANNEL_OPTIONS,
+        timeout: float | None = 30.0,
+    ) -> None:
+        self._owns_channel = isinstance(target, str)
+        if isinstance(target, str):
+            self.channel = grpc.insecure_channel(target, options=channel_options)
+        else:
+            self.channel = target
+        self.timeout = timeout  # per unary call; streams have no deadline
+        self._delivery = delivery_pb2_grpc.DeliveryServiceStub(self.channel)
+        self._templates = template_pb2_grpc.TemplateServiceStub(self.channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel if this client opened it."""
+        if self._owns_channel:
+            self.channel.close()
+
+    # sending
+
+    def send(self, message: delivery_pb2.Email) -> delivery_pb2.SendResponse:
+        """Send one email; a rejection raises ClientError."""
+        with _rpc_errors():
+            return self._delivery.Send(
+                delivery_pb2.SendRequest(email=message), timeout=self.timeout
+            )
+
+    def send_batch(self, emails: Iterable[delivery_pb2.Email]) -> list[delivery_pb2.SendResult]:
+        """Send up to 1000 emails in one call; one result per email, in order."""
+        request = delivery_pb2.SendBatchRequest(emails=emails)
+        with _rpc_errors():
+            response = self._delivery.SendBatch(request, timeout=self.timeout)
+        return list(response.results)
+
+    def send_iter(
+        self,
+        emails: Iterable[delivery_pb2.Email],
+        *,
+        batch_size: int = 500,
+        concurrency: int = 4,
+        stream: bool = False,
+    ) -> Iterator[delivery_pb2.SendResult]:
+        """Send any number of emails in chunks; yield results in input order, indexed from 0."""
+        for results in self._result_chunks(emails, batch_size, concurrency, stream):
+            yield from results
+
+    def send_bulk(
+        self,
+        emails: Iterable[delivery_pb2.Email],
+        *,
+        batch_size: int = 500,
+        concurrency: int = 4,
+        stream: bool = False,
+        on_progress: ProgressCallback | None = None,
+    ) -> BulkReport:
+        """Send any number of emails in chunks and tally the results in input order."""
+        report = BulkReport()
+        start = time.monotonic()
+        for results in self._result_chunks(emails, batch_size, concurrency, stream):
+            for result in results:
+                report.add(result)
+            report.elapsed = time.monotonic() - start
+            if on_progress is not None:
+                on_progress(report)
+        report.elapsed = time.monotonic() - start
+        return report
+
+    def _result_chunks(
+        self,
+        emails: Iterable[delivery_pb2.Email],
+        batch_size: int,
+        concurrency: int,
+        stream: bool,
+    ) -> Iterator[list[delivery_pb2.SendResult]]:
+        """Chunks of results, in input order, with input indices."""
+        _check_bulk_args(batch_size, concurrency)
+        chunks = _chunks(emails, batch_size)
+        source = self._stream_chunks if stream else self._batch_chunks
+        offset = 0
+        for results in source(chunks, concurrency):
+            yield _indexed(results, offset)
+            offset += len(results)
+
+    def _batch_chunks(
+        self, chunks: Iterator[list[delivery_pb2.Email]], concurrency: int
+    ) -> Iterator[Sequence[delivery_pb2.SendResult]]:
+        """SendBatch per chunk (grpc futures), up to `concurrency` in flight; in chunk order."""
+        pending: deque[grpc.Future[delivery_pb2.SendBatchResponse]] = deque()
+        call = self._delivery.SendBatch
+        try:
+            for chunk in chunks:
+                request = delivery_pb2.SendBatchRequest(emails=chunk)
+                pending.append(call.future(request, timeout=self.timeout))
+                if len(pending) >= concurrency:
+                    yield _future_results(pending.popleft())
+            while pending:
+                yield _future_results(pending.popleft())
+        finally:
+            for future in pending:
+                future.cancel()
+
+    def _stream_chunks(
+        self, chunks: Iterator[list[delivery_pb2.Email]], concurrency: int
+    ) -> Iterator[Sequence[delivery_pb2.SendResult]]:
+        """One SendStream call, up to `concurrency` chunks awaiting results at once."""
+        feed = _RequestFeed(chunks, concurrency)
+        responses = self._delivery.SendStream(iter(feed))
+        received = 0
+        try:
+            for response in responses:
+                received += len(response.results)
+                feed.received(received)
+                yield response.results
+        except grpc.RpcError as exc:
+            if feed.error is not None:
+                raise feed.error from None
+            raise _client_error(exc) from None
+        finally:
+            feed.stop()
+            responses.cancel()  # type: ignore[no-untyped-call]  # untyped in grpc-stubs
+        if received != feed.written:
+            raise ClientError(
+                grpc.StatusCode.DATA_LOSS,
+                f"stream ended with {received} results for {feed.written} emails",
+            )
+
+    # messages and previews
+
+    def get_message(self, message_id: str) -> delivery_pb2.Message:
+        """A message's state and event history; NOT_FOUND raises ClientError."""
+        request = delivery_pb2.GetMessageRequest(message_id=message_id)
+        with _rpc_errors():
+            return self._delivery.GetMessage(request, timeout=self.timeout).message
+
+    def render(
+        self,
+        template_id: str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        locale: str = "",
+        version: int = 0,
+    ) -> delivery_pb2.RenderResponse:
+        """Render a template with `data` without sending anything."""
+        request = _render_request(template_id, data, locale, version)
+        with _rpc_errors():
+            return self._delivery.Render(request, timeout=self.timeout)
+
+    # templates
+
+    def create_template(
+        self,
+        template_id: str,
+        contents: LocaleContents,
+        *,
+        default_locale: str = "en",
+        description: str = "",
+    ) -> template_pb2.CreateTemplateResponse:
+        """Create a template; its first version is active."""
+        request = template_pb2.CreateTemplateRequest(
+            template_id=template_id,
+            description=description,
+            default_locale=default_locale,
+            contents=_locale_contents(contents),
+        )
+        with _rpc_errors():
+            return self._templates.CreateTemplate(request, timeout=self.timeout)
+
+    def update_template(
+        self,
+        template_id: str,
+        contents: LocaleContents,
+        *,
+        default_locale: str = "en",
+        description: str = "",
+        draft: bool = False,
+    ) -> template_pb2.UpdateTemplateResponse:
+        """Store a new version, active unless `draft`; a non-empty description replaces it."""
+        request = template_pb2.UpdateTemplateRequest(
+            template_id=template_id,
+            default_locale=default_locale,
+            contents=_locale_contents(contents),
+            draft=draft,
+            description=description,
+        )
+        with _rpc_errors():
+            return self._templates.UpdateTemplate(request, timeout=self.timeout)
+
+    def put_template(
+        self,
+        template_id: str,
+        contents: LocaleContents,
+        *,
+        default_locale: str = "en",
+        description: str = "",
+        draft: bool = False,
+    ) -> template_pb2.UpdateTemplateResponse:
+        """Create the template, or store a new version if it exists (a new one is never a draft)."""
+        items = _locale_contents(contents)
+        try:
+            created = self.create_template(
+                template_id, items, default_locale=default_locale, description=description
+            )
+        except ClientError as exc:
+            if exc.code != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+        else:
+            return template_pb2.UpdateTemplateResponse(
+                template=created.template, version=created.version
+            )
+        return self.update_template(
+            template_id, items, default_locale=default_locale, description=description, draft=draft
+        )
+
+    def get_template(self, template_id: str, version: int = 0) -> template_pb2.GetTemplateResponse:
+        """A template and one of its versions (0: the active one)."""
+        request = template_pb2.GetTemplateRequest(template_id=template_id, version=version)
+        with _rpc_errors():
+            return self._templates.GetTemplate(request, timeout=self.timeout)
+
+    def list_templates(self, *, page_size: int = 0) -> list[template_pb2.Template]:
+        """Every template, following page tokens."""
+        templates: list[template_pb2.Template] = []
+        token = ""
+        while True:
+            request = template_pb2.ListTemplatesRequest(page_size=page_size, page_token=token)
+            with _rpc_errors():
+                response = self._templates.ListTemplates(request, timeout=self.timeout)
+            templates.extend(response.templates)
+            token = response.next_page_token
+            if not token:
+                return templates
+
+    def delete_template(self, template_id: str) -> None:
+        """Soft-delete a template: new sends are refused."""
+        request = template_pb2.DeleteTemplateRequest(template_id=template_id)
+        with _rpc_errors():
+            self._templates.DeleteTemplate(request, timeout=self.timeout)
+
+    def list_template_versions(self, template_id: str) -> list[template_pb2.TemplateVersion]:
+        """A template's versions, newest first, without contents."""
+        request = template_pb2.ListTemplateVersionsRequest(template_id=template_id)
+        with _rpc_errors():
+            response = self._templates.ListTemplateVersions(request, timeout=self.timeout)
+        return list(response.versions)
+
+    def activate_template_version(self, template_id: str, version: int) -> template_pb2.Template:
+        """Make `version` the one new sends use."""
+        request = template_pb2.ActivateTemplateVersionRequest(
+            template_id=template_id, version=version
+        )
+        with _rpc_errors():
+            response = self._templates.ActivateTemplateVersion(request, timeout=self.timeout)
+        return response.template

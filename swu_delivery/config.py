@@ -1,0 +1,193 @@
+"""Service configuration: frozen, typed settings read once from TOML and passed down.
+
+A config file is optional. Without one, the service runs with embedded defaults: a SQLite data
+directory (`./swu-data`) and the built-in ESP simulator as its only ESP account, so it works with
+no provider account at all. See docs/configuration.md for every key.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from swu_delivery.sandbox import RenderLimits
+
+__all__ = [
+    "SIMULATOR_ACCOUNT",
+    "Config",
+    "ConfigError",
+    "DeliveryConfig",
+    "EspAccount",
+    "SimulatorSettings",
+    "load_config",
+]
+
+SIMULATOR_ACCOUNT = "simulator"
+SIMULATOR_KEY = "sim-key"  # the embedded simulator's own key; not a secret
+
+
+class ConfigError(ValueError):
+    """The config file or a flag is invalid; the message names the key."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EspAccount:
+    """One ESP account: which adapter speaks to it, where, and with which credentials."""
+
+    name: str
+    kind: str
+    base_url: str = ""  # empty: the adapter's documented default endpoint
+    api_key: str = field(default="", repr=False)  # resolved from api_key_env / api_key_file
+    sender: str = ""  # default From address when a message does not override it
+    sender_name: str = ""
+    timeout: float = 30.0  # seconds for one ESP call, connect included
+    max_concurrency: int = 64  # ESP calls in flight at once for this account
+    options: Mapping[str, Any] = field(default_factory=dict)  # provider-specific keys
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeliveryConfig:
+    """How delivery lanes claim, retry and give up."""
+
+    default_esp: str = SIMULATOR_ACCOUNT
+    max_attempts: int = 5  # attempts per message before it fails with "retries exhausted"
+    retry_base: float = 2.0  # seconds; backoff is full-jitter exponential from here
+    retry_max: float = 600.0  # cap of one backoff, seconds
+    claim_batch: int = 500  # messages claimed from the outbox at once
+    max_inflight_batches: int = 8  # claimed batches being rendered/sent at once
+    lease_seconds: float = 120.0  # a claim not finished by then is taken over
+    idle_poll: float = 0.25  # seconds between outbox polls when nothing is due
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimulatorSettings:
+    """The embedded ESP simulator, used when no ESP account is configured."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: any free port
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """Everything the service needs, built once at start-up."""
+
+    listen: str = "127.0.0.1:50051"
+    data_dir: Path = Path("swu-data")
+    max_message_bytes: int = 64 * 1024 * 1024  # gRPC receive/send limit, set explicitly
+    idempotency_ttl: float = 48 * 3600.0  # keys are kept at least this long (seconds)
+    grace_seconds: float = 20.0  # SIGTERM: how long in-flight ESP calls may take to finish
+    log_level: str = "INFO"
+    esps: tuple[EspAccount, ...] = ()
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    simulator: SimulatorSettings = field(default_factory=SimulatorSettings)
+    render: RenderLimits = field(default_factory=RenderLimits)
+
+    def account(self, name: str) -> EspAccount:
+        for acc in self.esps:
+            if acc.name == name:
+                return acc
+        raise ConfigError(f"delivery.default_esp: no ESP account named {name!r}")
+
+
+def _secret(raw: Mapping[str, Any], where: str) -> str:
+    if "api_key" in raw:
+        raise ConfigError(
+            f"{where}.api_key: put keys in api_key_env or api_key_file, not in config"
+        )
+    if env := raw.get("api_key_env"):
+        if env not in os.environ:
+            raise ConfigError(f"{where}.api_key_env: environment variable {env} is not set")
+        return os.environ[env]
+    if path := raw.get("api_key_file"):
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{where}.api_key_file: cannot read ({exc.strerror})") from None
+    return ""
+
+
+_ACCOUNT_KEYS = {"name", "kind", "base_url", "sender", "sender_name", "timeout", "max_concurrency"}
+_SECRET_KEYS = {"api_key", "api_key_env", "api_key_file"}
+
+
+def _account(raw: Mapping[str, Any], index: int) -> EspAccount:
+    where = f"esp[{index}]"
+    for key in ("name", "kind"):
+        if not isinstance(raw.get(key), str) or not raw[key]:
+            raise ConfigError(f"{where}.{key}: required string")
+    known = {k: raw[k] for k in _ACCOUNT_KEYS if k in raw}
+    options = {k: v for k, v in raw.items() if k not in _ACCOUNT_KEYS | _SECRET_KEYS}
+    try:
+        return EspAccount(**known, api_key=_secret(raw, where), options=options)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _section(cls: type[Any], raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table")
+    try:
+        return cls(**raw)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    listen: str | None = None,
+    data_dir: Path | None = None,
+) -> Config:
+    """Read `path` (TOML) if given, apply the command-line overrides, fill embedded defaults."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    esps = tuple(_account(a, i) for i, a in enumerate(raw.pop("esp", [])))
+    sections = {
+        "delivery": (DeliveryConfig, "delivery"),
+        "simulator": (SimulatorSettings, "simulator"),
+        "render": (RenderLimits, "render"),
+    }
+    kwargs: dict[str, Any] = {}
+    for key, (cls, where) in sections.items():
+        if key in raw:
+            kwargs[key] = _section(cls, raw.pop(key), where)
+    if "data_dir" in raw:
+        raw["data_dir"] = Path(raw["data_dir"])
+    try:
+        config = Config(**raw, **kwargs, esps=esps)
+    except TypeError as exc:
+        raise ConfigError(f"config: {exc}") from None
+    if listen is not None:
+        config = replace(config, listen=listen)
+    if data_dir is not None:
+        config = replace(config, data_dir=data_dir)
+    if not config.esps:
+        # Embedded default: deliver to the built-in simulator so no provider account is needed.
+        sim = replace(config.simulator, enabled=True)
+        account = EspAccount(
+            name=SIMULATOR_ACCOUNT,
+            kind="sendgrid",
+            api_key=SIMULATOR_KEY,
+            sender="noreply@example.com",
+            sender_name="swu-delivery",
+        )
+        config = replace(config, simulator=sim, esps=(account,))
+    names = [a.name for a in config.esps]
+    if len(set(names)) != len(names):
+        raise ConfigError("esp: account names must be unique")
+    if config.delivery.default_esp not in names:
+        if "delivery" in kwargs:
+            config.account(config.delivery.default_esp)  # raises with the key named
+        config = replace(config, delivery=replace(config.delivery, default_esp=names[0]))
+    return config

@@ -1,0 +1,156 @@
+"""The SQLite database (WAL): schema, pragmas, and one thread that runs every statement.
+
+All access goes through `Database.run(fn, ...)`, which calls `fn(conn, ...)` on a dedicated
+thread, so the event loop never blocks on disk and statements never interleave. Each `fn` is a
+short, complete unit of work; `transaction(conn)` wraps it in BEGIN IMMEDIATE ... COMMIT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+__all__ = ["Database", "transaction"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS templates (
+    template_id    TEXT PRIMARY KEY,
+    description    TEXT NOT NULL DEFAULT '',
+    active_version INTEGER NOT NULL,
+    latest_version INTEGER NOT NULL,
+    deleted        INTEGER NOT NULL DEFAULT 0,
+    created_at     REAL NOT NULL,
+    updated_at     REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS template_versions (
+    template_id    TEXT NOT NULL,
+    version        INTEGER NOT NULL,
+    default_locale TEXT NOT NULL,
+    contents       BLOB NOT NULL,      -- JSON list of {locale, subject, html, text}
+    created_at     REAL NOT NULL,
+    PRIMARY KEY (template_id, version)
+) WITHOUT ROWID;
+-- One row per accepted message: the durable outbox (state 1 = queued) and the ledger at once.
+CREATE TABLE IF NOT EXISTS messages (
+    id               TEXT PRIMARY KEY,
+    state            INTEGER NOT NULL,  -- MessageState: 1 queued, 2 sent, 3 failed
+    priority         INTEGER NOT NULL,  -- 1 transactional, 2 bulk
+    due_at           REAL NOT NULL,     -- not before (send_at, or a retry's backoff)
+    lease_until      REAL NOT NULL DEFAULT 0,  -- claimed by a lane until then; 0 = free
+    template_id      TEXT NOT NULL,
+    template_version INTEGER NOT NULL,
+    locale           TEXT NOT NULL,
+    recipient        TEXT NOT NULL,
+    payload          BLOB NOT NULL,     -- the accepted Email protobuf, deterministic encoding
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    esp              TEXT NOT NULL DEFAULT '',
+    esp_message_id   TEXT NOT NULL DEFAULT '',
+    reason           TEXT NOT NULL DEFAULT '',
+    idempotency_key  TEXT,
+    created_at       REAL NOT NULL,
+    updated_at       REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS messages_ready ON messages (priority, due_at) WHERE state = 1;
+CREATE TABLE IF NOT EXISTS events (
+    seq        INTEGER PRIMARY KEY,
+    message_id TEXT NOT NULL,
+    time       REAL NOT NULL,
+    type       INTEGER NOT NULL,        -- EventType
+    esp        TEXT NOT NULL DEFAULT '',
+    detail     TEXT NOT NULL DEFAULT '',
+    attempt    INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS events_message ON events (message_id, seq);
+CREATE TABLE IF NOT EXISTS idempotency (
+    key        TEXT PRIMARY KEY,
+    message_id TEXT NOT NULL,
+    digest     BLOB NOT NULL,
+    created_at REAL NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE (take the write lock up front) ... COMMIT, or ROLLBACK on error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+class Database:
+    """One SQLite file, one connection, one thread."""
+
+    def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
+        self.path = path
+        self._synchronous = synchronous
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swu-db")
+        self._conn: sqlite3.Connection | None = None
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: an acknowledged message survives a power loss, not only a process crash.
+        conn.execute(f"PRAGMA synchronous={self._synchronous}")
+        conn.execute("PRAGMA busy_timeout=10000")
+        conn.execute("PRAGMA foreign_keys=OFF")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(f"{self.path}: schema {version} is newer than this release")
+        conn.executescript(SCHEMA)
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self._conn = conn
+
+    async def open(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._open)
+
+    async def run(
+        self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """Run `fn(conn, *args)` on the database thread."""
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError("database is not open")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(conn, *args, **kwargs))
+
+    def writable(self) -> bool:
+        """A cheap probe for health checks: can we take the write lock right now?"""
+        conn = self._conn
+        if conn is None:
+            return False
+        try:
+            with transaction(conn):
+                pass
+        except sqlite3.Error:
+            return False
+        return True
+
+    async def close(self) -> None:
+        def _close() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, _close)
+        self._executor.shutdown(wait=True)
+
+
+def rows_as_dicts(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
+    """Rows of `cursor` as dicts keyed by column name."""
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]

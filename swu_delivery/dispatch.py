@@ -1,0 +1,211 @@
+"""The delivery lane: claim due messages, render them, hand them to their ESP, record outcomes.
+
+Each claimed batch is rendered from the template cache and sent through the account's adapter,
+which splits it into provider calls; every message's outcome is recorded in one transaction per
+batch. Retryable outcomes are re-queued with full-jitter exponential backoff (or the provider's
+own wait) until `max_attempts`; permanent outcomes and render errors fail at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Mapping
+from contextlib import suppress
+
+import orjson
+from swu_delivery.sandbox import TemplateEngine
+
+from adapters.base import Adapter, Attachment, Mailbox, OutboundEmail, OutcomeKind, SendOutcome
+from swu_delivery._proto.swu.delivery.v1 import common_pb2, delivery_pb2
+from swu_delivery.config import DeliveryConfig, EspAccount
+from swu_delivery.errors import SwuError
+from swu_delivery.outbox import FAILED, QUEUED, SENT, Claimed, Completion, Outbox
+from swu_delivery.templates import CompiledVersion, TemplateCache
+
+__all__ = ["Dispatcher", "backoff"]
+
+log = logging.getLogger(__name__)
+
+EV_SENT = delivery_pb2.EVENT_TYPE_SENT
+EV_DEFERRED = delivery_pb2.EVENT_TYPE_DEFERRED
+EV_FAILED = delivery_pb2.EVENT_TYPE_FAILED
+
+
+def backoff(attempt: int, *, base: float, cap: float, rng: random.Random) -> float:
+    """Full jitter: uniform in [0, min(cap, base * 2**(attempt-1))]."""
+    return rng.uniform(0.0, min(cap, base * 2.0 ** max(attempt - 1, 0)))
+
+
+def _mailbox(box: common_pb2.Address) -> Mailbox:
+    return Mailbox(box.email, box.name)
+
+
+class Dispatcher:
+    """One loop claiming from the outbox; each claimed batch is delivered as its own task."""
+
+    def __init__(
+        self,
+        *,
+        outbox: Outbox,
+        cache: TemplateCache,
+        engine: TemplateEngine,
+        adapters: Mapping[str, Adapter],
+        config: DeliveryConfig,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.outbox = outbox
+        self.cache = cache
+        self.engine = engine
+        self.adapters = adapters
+        self.config = config
+        self.rng = rng or random.Random()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._inflight: dict[asyncio.Task[None], list[str]] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+
+    def wake(self) -> None:
+        """New messages were accepted: claim now instead of at the next poll."""
+        self._wake.set()
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._run(), name="swu-dispatch")
+
+    async def stop(self, grace: float) -> None:
+        """Stop claiming, let in-flight ESP calls finish for `grace` seconds, release the rest."""
+        self._stopping = True
+        self._wake.set()
+        if self._loop_task is not None:
+            await self._loop_task
+        if self._inflight:
+            await asyncio.wait(list(self._inflight), timeout=grace)
+        leftover = [i for ids in self._inflight.values() for i in ids]
+        for task in list(self._inflight):
+            task.cancel()
+        if self._inflight:
+            await asyncio.wait(list(self._inflight))
+        if leftover:
+            await self.outbox.release(leftover)
+
+    async def _run(self) -> None:
+        slots = asyncio.Semaphore(self.config.max_inflight_batches)
+        while not self._stopping:
+            await slots.acquire()
+            if self._stopping:
+                slots.release()
+                break
+            self._wake.clear()  # before claiming, so a wake during the claim is not lost
+            try:
+                claimed = await self.outbox.claim(
+                    self.config.claim_batch, self.config.lease_seconds
+                )
+            except Exception:
+                log.exception("claim from the outbox failed")
+                claimed = []
+            if not claimed:
+                slots.release()
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.config.idle_poll)
+                continue
+            task = asyncio.create_task(self._deliver_batch(claimed))
+            self._inflight[task] = [c.id for c in claimed]
+            task.add_done_callback(lambda t: (self._inflight.pop(t, None), slots.release()))
+
+    async def _deliver_batch(self, claimed: list[Claimed]) -> None:
+        try:
+            completions = await self._deliver(claimed)
+        except Exception:
+            log.exception("delivering a batch of %d failed; re-queued", len(claimed))
+            completions = [
+                self._outcome(c, "", SendOutcome.retry("internal error while delivering"))
+                for c in claimed
+            ]
+        await self.outbox.record(completions)
+
+    async def _deliver(self, claimed: list[Claimed]) -> list[Completion]:
+        versions = await self.cache.ensure({(c.template_id, c.template_version) for c in claimed})
+        esp = self.config.default_esp
+        adapter = self.adapters[esp]
+        completions: list[Completion] = []
+        ready: list[Claimed] = []
+        outbound: list[OutboundEmail] = []
+        for c in claimed:
+            compiled = versions[(c.template_id, c.template_version)]
+            try:
+                if isinstance(compiled, SwuError):
+                    raise compiled
+                outbound.append(self._prepare(c, compiled, adapter.account))
+            except SwuError as exc:
+                completions.append(
+                    Completion(c.id, FAILED, EV_FAILED, c.attempts, reason=f"render error: {exc}")
+                )
+                continue
+            ready.append(c)
+        if outbound:
+            outcomes = await adapter.send(outbound)
+            completions.extend(
+                self._outcome(c, esp, o) for c, o in zip(ready, outcomes, strict=True)
+            )
+        return completions
+
+    def _prepare(
+        self, claimed: Claimed, compiled: CompiledVersion, account: EspAccount
+    ) -> OutboundEmail:
+        email = delivery_pb2.Email.FromString(claimed.payload)
+        context = orjson.loads(email.data_json) if email.data_json else {}
+        rendered = compiled.resolve(claimed.locale).render(self.engine, context)
+        if email.HasField("sender"):
+            sender = _mailbox(email.sender)
+        elif account.sender:
+            sender = Mailbox(account.sender, account.sender_name)
+        else:
+            raise SwuError(f"no sender: set one on the message or on ESP account {account.name}")
+        return OutboundEmail(
+            message_id=claimed.id,
+            sender=sender,
+            to=_mailbox(email.to),
+            subject=rendered.subject,
+            html=rendered.html,
+            text=rendered.text,
+            cc=[_mailbox(a) for a in email.cc],
+            bcc=[_mailbox(a) for a in email.bcc],
+            reply_to=_mailbox(email.reply_to) if email.HasField("reply_to") else None,
+            headers=dict(email.headers),
+            tags=list(email.tags),
+            metadata=dict(email.metadata),
+            attachments=[
+                Attachment(a.filename, a.content_type, a.content, a.content_id)
+                for a in email.attachments
+            ],
+        )
+
+    def _outcome(self, claimed: Claimed, esp: str, outcome: SendOutcome) -> Completion:
+        attempt = claimed.attempts
+        if outcome.kind is OutcomeKind.SENT:
+            return Completion(
+                claimed.id, SENT, EV_SENT, attempt, esp=esp, esp_message_id=outcome.esp_message_id
+            )
+        if outcome.kind is OutcomeKind.REJECTED:
+            return Completion(
+                claimed.id, FAILED, EV_FAILED, attempt, esp=esp, reason=outcome.reason
+            )
+        if attempt >= self.config.max_attempts:
+            reason = f"retries exhausted after {attempt} attempts: {outcome.reason}"
+            return Completion(claimed.id, FAILED, EV_FAILED, attempt, esp=esp, reason=reason)
+        delay = backoff(
+            attempt, base=self.config.retry_base, cap=self.config.retry_max, rng=self.rng
+        )
+        if outcome.retry_after is not None:
+            delay = max(delay, min(outcome.retry_after, self.config.retry_max))
+        return Completion(
+            claimed.id,
+            QUEUED,
+            EV_DEFERRED,
+            attempt,
+            esp=esp,
+            reason=outcome.reason,
+            due_at=time.time() + delay,
+        )

@@ -1,0 +1,216 @@
+"""The durable outbox: accept batches in one transaction, lease due messages, record outcomes.
+
+A message row moves QUEUED → SENT or FAILED. A lane claims due rows by setting a lease; a lease
+that outlives its holder (a crash) expires and the row is claimed again, so delivery is
+at-least-once towards the ESP and nothing accepted is ever lost.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from swu_delivery._proto.swu.delivery.v1 import delivery_pb2
+from swu_delivery.db import Database, transaction
+
+__all__ = ["Accepted", "Claimed", "Completion", "NewMessage", "Outbox"]
+
+QUEUED = delivery_pb2.MESSAGE_STATE_QUEUED
+SENT = delivery_pb2.MESSAGE_STATE_SENT
+FAILED = delivery_pb2.MESSAGE_STATE_FAILED
+
+
+@dataclass(slots=True)
+class NewMessage:
+    id: str
+    priority: int
+    due_at: float
+    template_id: str
+    template_version: int
+    locale: str
+    recipient: str
+    payload: bytes
+    idempotency_key: str | None = None
+    digest: bytes | None = None
+
+
+@dataclass(slots=True)
+class Accepted:
+    """What intake did with one NewMessage."""
+
+    message_id: str
+    duplicate: bool = False  # the idempotency key matched: message_id is the original
+    conflict: bool = False  # the key was used before with different content
+
+
+@dataclass(slots=True)
+class Claimed:
+    id: str
+    payload: bytes
+    template_id: str
+    template_version: int
+    locale: str
+    attempts: int  # including this one
+
+
+@dataclass(slots=True)
+class Completion:
+    """The result of one attempt, to record: a final state, or QUEUED again with a due time."""
+
+    message_id: str
+    state: int
+    event: int
+    attempt: int
+    esp: str = ""
+    esp_message_id: str = ""
+    reason: str = ""
+    due_at: float = 0.0
+
+
+def _accept(
+    conn: sqlite3.Connection, rows: Sequence[NewMessage], ttl: float, now: float
+) -> list[Accepted]:
+    results: list[Accepted] = []
+    inserts: list[NewMessage] = []
+    keyed = [r for r in rows if r.idempotency_key]
+    with transaction(conn):
+        known: dict[str, tuple[str, bytes]] = {}
+        if keyed:
+            keys = [r.idempotency_key for r in keyed]
+            for start in range(0, len(keys), 500):
+                chunk = keys[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                cur = conn.execute(
+                    f"SELECT key, message_id, digest FROM idempotency "
+                    f"WHERE key IN ({marks}) AND created_at >= ?",
+                    (*chunk, now - ttl),
+                )
+                known.update((k, (m, d)) for k, m, d in cur)
+        new_keys: list[tuple[str, str, bytes, float]] = []
+        for row in rows:
+            key = row.idempotency_key
+            if key:
+                if key in known:
+                    original, digest = known[key]
+                    same = digest == row.digest
+                    results.append(Accepted(original, duplicate=same, conflict=not same))
+                    continue
+                assert row.digest is not None
+                known[key] = (row.id, row.digest)
+                new_keys.append((key, row.id, row.digest, now))
+            inserts.append(row)
+            results.append(Accepted(row.id))
+        conn.executemany(
+            "INSERT INTO messages (id, state, priority, due_at, template_id, template_version,"
+            " locale, recipient, payload, idempotency_key, created_at, updated_at)"
+            f" VALUES (?, {QUEUED}, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    r.id,
+                    r.priority,
+                    r.due_at,
+                    r.template_id,
+                    r.template_version,
+                    r.locale,
+                    r.recipient,
+                    r.payload,
+                    r.idempotency_key,
+                    now,
+                    now,
+                )
+                for r in inserts
+            ],
+        )
+        if new_keys:
+            conn.executemany("INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?)", new_keys)
+    return results
+
+
+def _claim(conn: sqlite3.Connection, limit: int, lease: float, now: float) -> list[Claimed]:
+    with transaction(conn):
+        cur = conn.execute(
+            "UPDATE messages SET lease_until = ?, attempts = attempts + 1, updated_at = ?"
+            " WHERE id IN (SELECT id FROM messages WHERE state = 1 AND due_at <= ?"
+            " AND lease_until <= ? ORDER BY priority, due_at LIMIT ?)"
+            " RETURNING id, payload, template_id, template_version, locale, attempts",
+            (now + lease, now, now, now, limit),
+        )
+        return [Claimed(*row) for row in cur.fetchall()]
+
+
+def _record(conn: sqlite3.Connection, completions: Sequence[Completion], now: float) -> None:
+    final = [c for c in completions if c.state != QUEUED]
+    again = [c for c in completions if c.state == QUEUED]
+    with transaction(conn):
+        conn.executemany(
+            "UPDATE messages SET state = ?, esp = ?, esp_message_id = ?, reason = ?,"
+            " lease_until = 0, updated_at = ? WHERE id = ?",
+            [(c.state, c.esp, c.esp_message_id, c.reason, now, c.message_id) for c in final],
+        )
+        conn.executemany(
+            "UPDATE messages SET due_at = ?, reason = ?, esp = ?, lease_until = 0, updated_at = ?"
+            " WHERE id = ?",
+            [(c.due_at, c.reason, c.esp, now, c.message_id) for c in again],
+        )
+        conn.executemany(
+            "INSERT INTO events (message_id, time, type, esp, detail, attempt)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (c.message_id, now, c.event, c.esp, c.esp_message_id or c.reason, c.attempt)
+                for c in completions
+            ],
+        )
+
+
+def _release(conn: sqlite3.Connection, ids: Sequence[str] | None) -> int:
+    """Give claimed messages back without counting the attempt (all of them when ids is None)."""
+    with transaction(conn):
+        if ids is None:
+            cur = conn.execute(
+                "UPDATE messages SET lease_until = 0 WHERE state = 1 AND lease_until > 0"
+            )
+            return cur.rowcount
+        conn.executemany(
+            "UPDATE messages SET lease_until = 0, attempts = max(attempts - 1, 0)"
+            " WHERE id = ? AND state = 1",
+            [(i,) for i in ids],
+        )
+        return len(ids)
+
+
+def _prune_keys(conn: sqlite3.Connection, before: float) -> int:
+    with transaction(conn):
+        return conn.execute("DELETE FROM idempotency WHERE created_at < ?", (before,)).rowcount
+
+
+def _depth(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT count(*) FROM messages WHERE state = 1").fetchone()[0])
+
+
+class Outbox:
+    """Async facade over the outbox statements; every call is one transaction."""
+
+    def __init__(self, db: Database, *, idempotency_ttl: float) -> None:
+        self.db = db
+        self.idempotency_ttl = idempotency_ttl
+
+    async def accept(self, rows: Sequence[NewMessage]) -> list[Accepted]:
+        return await self.db.run(_accept, rows, self.idempotency_ttl, time.time())
+
+    async def claim(self, limit: int, lease: float) -> list[Claimed]:
+        return await self.db.run(_claim, limit, lease, time.time())
+
+    async def record(self, completions: Sequence[Completion]) -> None:
+        if completions:
+            await self.db.run(_record, completions, time.time())
+
+    async def release(self, ids: Sequence[str] | None = None) -> int:
+        return await self.db.run(_release, ids)
+
+    async def prune_idempotency_keys(self) -> int:
+        return await self.db.run(_prune_keys, time.time() - self.idempotency_ttl)
+
+    async def depth(self) -> int:
+        return await self.db.run(_depth)

@@ -1,0 +1,217 @@
+"""Assembles the service from its parts, serves gRPC, and shuts down gracefully on SIGTERM.
+
+Shutdown order: health NOT_SERVING and intake refuses new sends (UNAVAILABLE); the delivery lane
+stops claiming and lets in-flight ESP calls finish within the grace period; the gRPC server
+stops; what was not sent stays queued for the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from swu_delivery.sandbox import TemplateEngine
+
+from adapters import create_adapter
+from adapters.base import Adapter
+from swu_delivery._proto.swu.delivery.v1 import (
+    delivery_pb2,
+    delivery_pb2_grpc,
+    template_pb2,
+    template_pb2_grpc,
+)
+from swu_delivery.config import SIMULATOR_ACCOUNT, Config, ConfigError
+from swu_delivery.db import Database
+from swu_delivery.dispatch import Dispatcher
+from swu_delivery.intake import Intake
+from swu_delivery.ledger import Ledger
+from swu_delivery.outbox import Outbox
+from swu_delivery.servicers import DeliveryServicer, TemplateServicer
+from swu_delivery.templates import TemplateCache, TemplateStore
+
+__all__ = ["Service", "run"]
+
+log = logging.getLogger("swu_delivery")
+
+SERVICE_NAMES = (
+    delivery_pb2.DESCRIPTOR.services_by_name["DeliveryService"].full_name,
+    template_pb2.DESCRIPTOR.services_by_name["TemplateService"].full_name,
+)
+HOUSEKEEPING_SECONDS = 3600.0
+
+
+def _server_options(config: Config) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 1),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
+
+
+class Service:
+    """The running service: its parts, built once from a Config, started and stopped together."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.db = Database(Path(config.data_dir) / "swu.db")
+        self.engine = TemplateEngine(config.render)
+        self.cache = TemplateCache(self.db, self.engine)
+        self.store = TemplateStore(self.db, self.engine, self.cache)
+        self.outbox = Outbox(self.db, idempotency_ttl=config.idempotency_ttl)
+        self.ledger = Ledger(self.db)
+        self.adapters: dict[str, Adapter] = {}
+        self.dispatcher: Dispatcher | None = None
+        self.intake: Intake | None = None
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self._simulator: Any = None
+        self._housekeeping: asyncio.Task[None] | None = None
+
+    async def _start_simulator(self) -> None:
+        from swu_delivery.simulator import SimulatorConfig, start_simulator
+
+        sim = self.config.simulator
+        self._simulator, url = await start_simulator(
+            SimulatorConfig(host=sim.host, port=sim.port, max_records=1000)
+        )
+        esps = tuple(
+            replace(a, base_url=url) if a.name == SIMULATOR_ACCOUNT and not a.base_url else a
+            for a in self.config.esps
+        )
+        self.config = replace(self.config, esps=esps)
+        log.info("embedded ESP simulator at %s", url)
+
+    async def start(self) -> None:
+        await self.db.open()
+        released = await self.outbox.release()  # claims of a previous run (we are the only one)
+        if released:
+            log.info("re-queued %d messages claimed by a previous run", released)
+        if self.config.simulator.enabled:
+            await self._start_simulator()
+        for account in self.config.esps:
+            adapter = create_adapter(account)
+            await adapter.start()
+            self.adapters[account.name] = adapter
+        self.dispatcher = Dispatcher(
+            outbox=self.outbox,
+            cache=self.cache,
+            engine=self.engine,
+            adapters=self.adapters,
+            config=self.config.delivery,
+        )
+        self.intake = Intake(
+            outbox=self.outbox,
+            store=self.store,
+            cache=self.cache,
+            engine=self.engine,
+            on_accepted=self.dispatcher.wake,
+        )
+        server = grpc.aio.server(options=_server_options(self.config))
+        delivery_pb2_grpc.add_DeliveryServiceServicer_to_server(
+            DeliveryServicer(
+                intake=self.intake,
+                ledger=self.ledger,
+                cache=self.cache,
+                store=self.store,
+                engine=self.engine,
+            ),
+            server,
+        )
+        template_pb2_grpc.add_TemplateServiceServicer_to_server(
+            TemplateServicer(self.store), server
+        )
+        _add_health(server, self.health)
+        _add_reflection(server)
+        try:
+            self.port = server.add_insecure_port(self.config.listen)
+        except RuntimeError as exc:
+            raise ConfigError(f"listen: cannot bind {self.config.listen} ({exc})") from None
+        await server.start()
+        self.server = server
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.dispatcher.start()
+        self._housekeeping = asyncio.create_task(self._housekeep())
+
+    async def _housekeep(self) -> None:
+        while True:
+            try:
+                pruned = await self.outbox.prune_idempotency_keys()
+                if pruned:
+                    log.info("pruned %d expired idempotency keys", pruned)
+            except Exception:
+                log.exception("housekeeping failed")
+            await asyncio.sleep(HOUSEKEEPING_SECONDS)
+
+    async def stop(self) -> None:
+        """Graceful: refuse new sends, finish in-flight ESP calls, stop serving."""
+        grace = self.config.grace_seconds
+        await self.health.enter_graceful_shutdown()
+        if self.intake is not None:
+            self.intake.draining = True
+        if self.dispatcher is not None:
+            await self.dispatcher.stop(grace)
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+        if self.server is not None:
+            await self.server.stop(grace=min(grace, 5.0))
+        for adapter in self.adapters.values():
+            await adapter.close()
+        if self._simulator is not None:
+            await self._simulator.cleanup()
+        await self.db.close()
+        self.engine.close()
+
+
+def _add_health(server: grpc.aio.Server, servicer: health.aio.HealthServicer) -> None:
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+
+
+def _add_reflection(server: grpc.aio.Server) -> None:
+    names = (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+
+
+async def serve(config: Config) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    service = Service(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await service.start()
+    host = config.listen.rpartition(":")[0]
+    print(f"swu-delivery listening on {host}:{service.port}", flush=True)
+    log.info("serving on %s:%d, data in %s", host, service.port, config.data_dir)
+    await stop.wait()
+    log.info("shutting down: draining in-flight deliveries")
+    await service.stop()
+    log.info("stopped")
+
+
+def run(config: Config, *, workers: int = 1) -> None:
+    """Blocking entry point for `swu-delivery serve`."""
+    if workers != 1:
+        raise ConfigError("--workers: only 1 worker process is supported in this release")
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        import uvloop
+
+        uvloop.run(serve(config))
+    except ImportError:
+        asyncio.run(serve(config))
