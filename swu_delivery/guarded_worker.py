@@ -1,10 +1,13 @@
 """A long-lived worker process that runs one call at a time under a memory and a time limit.
 
-The worker is a one-process `ProcessPoolExecutor` started with the "forkserver" context (or
-"spawn" where forkserver is missing), never plain fork: the parent is a grpc.aio server, whose
-threads do not survive a fork. The worker runs with RLIMIT_AS set, so a call that allocates too
-much gets MemoryError or dies; a call that outlives its timeout gets the worker SIGKILLed, and
-the next call starts a fresh one.
+The worker is a one-process `ProcessPoolExecutor` started with the "spawn" context, never plain
+fork: the parent is a grpc.aio server, whose threads do not survive a fork. Spawn (rather than
+forkserver) keeps the worker a direct child of the service, so a watchdog thread in the worker
+notices when the service dies, even by SIGKILL, and exits instead of lingering as an orphan
+that holds the service's stdout and resource-tracker pipes open.
+
+The worker runs with RLIMIT_AS set, so a call that allocates too much gets MemoryError or dies;
+a call that outlives its timeout gets the worker SIGKILLed, and the next call starts a fresh one.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import resource
 import signal
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -32,6 +36,21 @@ class WorkerTimeout(Exception):
 
 class WorkerCrashed(Exception):
     """The worker died during the call (typically out of memory)."""
+
+
+PARENT_POLL_SECONDS = 0.5
+
+
+def _init_worker(memory_bytes: int, parent_pid: int) -> None:
+    _limit_memory(memory_bytes)
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Exit as soon as the service that started this worker is gone (re-parented)."""
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_POLL_SECONDS)
+    os._exit(0)
 
 
 def _limit_memory(memory_bytes: int) -> None:
@@ -79,15 +98,11 @@ class GuardedWorker:
 
     def _ensure_started(self, module: str) -> ProcessPoolExecutor:
         if self._pool is None:
-            methods = multiprocessing.get_all_start_methods()
-            context = multiprocessing.get_context(
-                "forkserver" if "forkserver" in methods else "spawn"
-            )
             self._pool = ProcessPoolExecutor(
                 max_workers=1,
-                mp_context=context,
-                initializer=_limit_memory,
-                initargs=(self.memory_bytes,),
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(self.memory_bytes, os.getpid()),
             )
             try:
                 self._pid = self._pool.submit(_start, module).result()

@@ -33,15 +33,31 @@ pytest_plugins = ["tests.fixtures_sim"]
 SIM_KEY_ENV = "SWU_TEST_SENDGRID_KEY"
 STATE_NAMES = {v: k.removeprefix("MESSAGE_STATE_") for k, v in delivery_pb2.MessageState.items()}
 START_TIMEOUT = 30.0
+DRAIN_TIMEOUT = 20.0
 
 
 def write_config(
-    path: Path, data_dir: Path, sim_url: str, extra: str = "", default_esp: str = "sg"
+    path: Path,
+    data_dir: Path,
+    sim_url: str,
+    extra: str = "",
+    default_esp: str = "sg",
+    delivery: dict[str, int | float] | None = None,
 ) -> Path:
     """A test config: a SendGrid account "sg" at the simulator (plus `extra` TOML), fast retries.
 
-    `extra` may add more `[[esp]]` tables; `default_esp` picks the account messages go to.
+    `extra` may add more `[[esp]]` tables; `default_esp` picks the account messages go to;
+    `delivery` overrides settings of the `[delivery]` table.
     """
+    lanes = {
+        "max_attempts": 4,
+        "retry_base": 0.05,
+        "retry_max": 0.5,
+        "idle_poll": 0.05,
+        "claim_batch": 200,
+        **(delivery or {}),
+    }
+    lane_lines = "\n".join(f"{key} = {value}" for key, value in lanes.items())
     path.write_text(
         f"""
 listen = "127.0.0.1:0"
@@ -51,11 +67,7 @@ log_level = "INFO"
 
 [delivery]
 default_esp = "{default_esp}"
-max_attempts = 4
-retry_base = 0.05
-retry_max = 0.5
-idle_poll = 0.05
-claim_batch = 200
+{lane_lines}
 
 [[esp]]
 name = "sg"
@@ -150,12 +162,22 @@ class ServerHandle:
                     proc.wait()
                     raise
         finally:
-            if self._drainer is not None:
-                self._drainer.join(timeout=5)
-                self._drainer = None
-            if proc.stdout is not None:
-                proc.stdout.close()
+            self._join_drainer(proc)
         return proc.returncode
+
+    def _join_drainer(self, proc: subprocess.Popen[str]) -> None:
+        """Wait for the server's stdout to reach EOF: every process holding it has exited.
+
+        A child the server left behind (e.g. the template-check worker outliving a kill -9)
+        would keep the pipe open; that is a leak, so it fails the test instead of hanging it.
+        """
+        drainer, self._drainer = self._drainer, None
+        if drainer is not None:
+            drainer.join(timeout=DRAIN_TIMEOUT)
+            if drainer.is_alive():
+                raise AssertionError("a process the server started outlived it")
+        if proc.stdout is not None:
+            proc.stdout.close()
 
     def kill(self) -> None:
         """kill -9: no shutdown code runs."""

@@ -8,7 +8,7 @@ import time
 from collections import Counter
 
 from swu_delivery._proto.swu.delivery.v1 import delivery_pb2
-from tests.conftest import STATE_NAMES, ServerHandle
+from tests.conftest import STATE_NAMES, ServerHandle, write_config
 from tests.helpers import ORDER, data, mk, sent_ids
 
 N = 600
@@ -24,6 +24,14 @@ def _accept_all(server: ServerHandle) -> list[str]:
     return ids
 
 
+def _restart_with_one_small_lane(server: ServerHandle) -> None:
+    """One batch of 20 in flight at a time, so most messages are still unclaimed mid-run."""
+    server.stop()
+    lanes = {"claim_batch": 20, "max_inflight_batches": 1}
+    write_config(server.config, server.data_dir, server.sim.url, delivery=lanes)
+    server.start()
+
+
 def _wait_for_deliveries(server: ServerHandle, at_least: int, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while len(server.sim.requests(provider="sendgrid", status=202)) < at_least:
@@ -33,6 +41,7 @@ def _wait_for_deliveries(server: ServerHandle, at_least: int, timeout: float = 6
 
 def test_kill_9_mid_delivery_loses_nothing(swu_server: ServerHandle) -> None:
     """After kill -9 during delivery and a restart, every accepted message is sent."""
+    _restart_with_one_small_lane(swu_server)
     swu_server.put_template("order", {"en": ORDER})
     swu_server.sim.set_faults(latency_ms=50)
     ids = _accept_all(swu_server)
@@ -50,6 +59,7 @@ def test_kill_9_mid_delivery_loses_nothing(swu_server: ServerHandle) -> None:
 
 def test_sigterm_drains_in_flight_and_keeps_the_rest(swu_server: ServerHandle) -> None:
     """SIGTERM lets in-flight ESP calls finish, leaves the rest queued, and sends nothing twice."""
+    _restart_with_one_small_lane(swu_server)
     swu_server.put_template("order", {"en": ORDER})
     swu_server.sim.set_faults(latency_ms=100)
     ids = _accept_all(swu_server)
