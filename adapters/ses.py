@@ -15,8 +15,8 @@ from email.utils import formataddr
 from typing import Any, ClassVar
 
 import aioboto3
-from botocore.config import Config  # type: ignore[import-untyped]
-from botocore.exceptions import (  # type: ignore[import-untyped]
+from botocore.config import Config
+from botocore.exceptions import (
     BotoCoreError,
     ClientError,
     ParamValidationError,

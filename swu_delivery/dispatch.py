@@ -12,17 +12,17 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 
 import orjson
-from swu_delivery.sandbox import TemplateEngine
 
 from adapters.base import Adapter, Attachment, Mailbox, OutboundEmail, OutcomeKind, SendOutcome
 from swu_delivery._proto.swu.delivery.v1 import common_pb2, delivery_pb2
 from swu_delivery.config import DeliveryConfig, EspAccount
 from swu_delivery.errors import SwuError
 from swu_delivery.outbox import FAILED, QUEUED, SENT, Claimed, Completion, Outbox
+from swu_delivery.sandbox import TemplateEngine
 from swu_delivery.templates import CompiledVersion, TemplateCache
 
 __all__ = ["Dispatcher", "backoff"]
@@ -112,7 +112,14 @@ class Dispatcher:
                 continue
             task = asyncio.create_task(self._deliver_batch(claimed))
             self._inflight[task] = [c.id for c in claimed]
-            task.add_done_callback(lambda t: (self._inflight.pop(t, None), slots.release()))
+            task.add_done_callback(self._batch_done(slots))
+
+    def _batch_done(self, slots: asyncio.Semaphore) -> Callable[[asyncio.Task[None]], None]:
+        def done(task: asyncio.Task[None]) -> None:
+            self._inflight.pop(task, None)
+            slots.release()
+
+        return done
 
     async def _deliver_batch(self, claimed: list[Claimed]) -> None:
         try:

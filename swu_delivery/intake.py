@@ -8,11 +8,11 @@ import time
 from collections.abc import Callable, Sequence
 
 import orjson
-from swu_delivery.sandbox import TemplateEngine
 
 from swu_delivery._proto.swu.delivery.v1 import common_pb2, delivery_pb2
 from swu_delivery.errors import AlreadyExists, SwuError, TemplateRenderError, Unavailable
 from swu_delivery.outbox import NewMessage, Outbox
+from swu_delivery.sandbox import TemplateEngine
 from swu_delivery.templates import TemplateCache, TemplateStore
 from swu_delivery.validation import validate_batch_size, validate_email
 
@@ -131,11 +131,11 @@ class Intake:
             accepted = await self.outbox.accept(rows)
             for i, outcome in zip(row_index, accepted, strict=True):
                 if outcome.conflict:
-                    exc = AlreadyExists(
+                    conflict = AlreadyExists(
                         "key was already used for a message with different content",
                         field="idempotency_key",
                     )
-                    results[i] = item_error(offset + i, exc, where(i))
+                    results[i] = item_error(offset + i, conflict, where(i))
                 else:
                     results[i] = delivery_pb2.SendResult(
                         index=offset + i, message_id=outcome.message_id, duplicate=outcome.duplicate
@@ -158,4 +158,5 @@ class Intake:
             compiled.resolve(email.locale).render(self.engine, context)
         except SwuError as exc:
             part = exc.field or "template"
-            raise TemplateRenderError(f"rendering {part} failed: {exc.message}", field="data_json")
+            message = f"rendering {part} failed: {exc.message}"
+            raise TemplateRenderError(message, field="data_json") from None

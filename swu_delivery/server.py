@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import _async as health_aio  # = health.aio, which mypy cannot see
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from swu_delivery.sandbox import TemplateEngine
 
 from adapters import create_adapter
 from adapters.base import Adapter
@@ -34,6 +34,7 @@ from swu_delivery.dispatch import Dispatcher
 from swu_delivery.intake import Intake
 from swu_delivery.ledger import Ledger
 from swu_delivery.outbox import Outbox
+from swu_delivery.sandbox import TemplateEngine
 from swu_delivery.servicers import DeliveryServicer, TemplateServicer
 from swu_delivery.templates import TemplateCache, TemplateStore
 
@@ -73,7 +74,7 @@ class Service:
         self.dispatcher: Dispatcher | None = None
         self.intake: Intake | None = None
         self.server: grpc.aio.Server | None = None
-        self.health = health.aio.HealthServicer()
+        self.health = health_aio.HealthServicer()
         self.port = 0
         self._simulator: Any = None
         self._housekeeping: asyncio.Task[None] | None = None
@@ -174,7 +175,7 @@ class Service:
         self.engine.close()
 
 
-def _add_health(server: grpc.aio.Server, servicer: health.aio.HealthServicer) -> None:
+def _add_health(server: grpc.aio.Server, servicer: health_aio.HealthServicer) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
 
 

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from swu_delivery.sandbox import TemplateEngine
 
 from swu_delivery._proto.swu.delivery.v1 import (
     delivery_pb2,
@@ -19,6 +18,7 @@ from swu_delivery._proto.swu.delivery.v1 import (
 from swu_delivery.errors import InvalidArgument, SwuError, status_for
 from swu_delivery.intake import Intake
 from swu_delivery.ledger import Ledger
+from swu_delivery.sandbox import TemplateEngine
 from swu_delivery.templates import TemplateCache, TemplateStore, check_template_id
 from swu_delivery.validation import parse_data
 
@@ -168,7 +168,7 @@ class TemplateServicer(template_pb2_grpc.TemplateServiceServicer):
         request: template_pb2.ListTemplatesRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> template_pb2.ListTemplatesResponse:
-        templates, token = await self.store.list(request.page_size, request.page_token)
+        templates, token = await self.store.page(request.page_size, request.page_token)
         return template_pb2.ListTemplatesResponse(templates=templates, next_page_token=token)
 
     @unary

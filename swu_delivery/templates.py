@@ -18,7 +18,6 @@ from typing import Any
 
 import orjson
 from google.protobuf.timestamp_pb2 import Timestamp
-from swu_delivery.sandbox import CompiledPart, TemplateEngine
 
 from swu_delivery._proto.swu.delivery.v1 import template_pb2
 from swu_delivery.db import Database, transaction
@@ -29,6 +28,7 @@ from swu_delivery.errors import (
     SwuError,
     TemplateRenderError,
 )
+from swu_delivery.sandbox import CompiledPart, TemplateEngine
 from swu_delivery.validation import check_header_text
 
 __all__ = ["CompiledLocale", "CompiledVersion", "Rendered", "TemplateCache", "TemplateStore"]
@@ -369,7 +369,7 @@ class TemplateStore:
         check_template_id(template_id)
         return await self.db.run(_get, template_id, version)
 
-    async def list(
+    async def page(
         self, page_size: int, page_token: str
     ) -> tuple[list[template_pb2.Template], str]:
         size = min(page_size or 100, 1000)
