@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import io
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -233,6 +234,11 @@ class HttpResponse:
         return self.body[:limit].decode("utf-8", "replace").strip()
 
 
+EPOCH_S_FLOOR = 1_000_000_000  # 2001-09-09 in epoch seconds: larger values are not deltas
+EPOCH_MS_FLOOR = 1_000_000_000_000  # the same instant in epoch milliseconds
+LARGE_BODY_BYTES = 1024 * 1024
+
+
 def retry_after_seconds(
     headers: Mapping[str, str], *names: str, now: float | None = None
 ) -> float | None:
@@ -250,8 +256,11 @@ def retry_after_seconds(
                 return max(0.0, parsedate_to_datetime(value).timestamp() - now)
             except (TypeError, ValueError):
                 continue
-        # Large numbers are absolute epoch seconds (X-RateLimit-Reset); small ones are deltas.
-        return max(0.0, number - now) if number > 1_000_000_000 else max(0.0, number)
+        # Large numbers are absolute epoch times (X-RateLimit-Reset), in seconds or in
+        # milliseconds; small ones are deltas in seconds.
+        if number > EPOCH_MS_FLOOR:
+            number /= 1000.0
+        return max(0.0, number - now) if number > EPOCH_S_FLOOR else max(0.0, number)
     return None
 
 
@@ -323,6 +332,8 @@ class HttpAdapter(Adapter):
         if request.json is not None:
             body = orjson.dumps(request.json)
             headers = {"Content-Type": "application/json", **headers}
+        if isinstance(body, bytes) and len(body) > LARGE_BODY_BYTES:
+            body = io.BytesIO(body)  # aiohttp streams it instead of warning about a large write
         async with self._session.request(
             request.method, self.base_url + request.path, data=body, headers=headers
         ) as resp:
