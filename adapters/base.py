@@ -16,12 +16,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import aiohttp
 import orjson
 
 from swu_delivery.config import EspAccount
+
+T = TypeVar("T")
 
 __all__ = [
     "Adapter",
@@ -129,14 +131,29 @@ class BatchLimits:
     bytes_per_call: int = 10 * 1024 * 1024
 
 
+def account_option(account: EspAccount, key: str, kind: type[T], default: T) -> T:
+    """The provider-specific `key` of the account's `[[esp]]` table, type-checked."""
+    value = account.options.get(key, default)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise AdapterError(f"esp {account.name}: {key} must be a {kind.__name__}")
+    return value
+
+
 class Adapter(ABC):
     """Sends rendered messages to one ESP account. Subclasses set `kind` and `limits`."""
 
     kind: ClassVar[str]
     display_name: ClassVar[str]
     limits: ClassVar[BatchLimits] = BatchLimits()
+    option_keys: ClassVar[frozenset[str]] = frozenset()  # provider keys of its [[esp]] table
 
     def __init__(self, account: EspAccount) -> None:
+        if unknown := sorted(set(account.options) - self.option_keys):
+            own = ", ".join(sorted(self.option_keys)) or "none"
+            raise AdapterError(
+                f"esp {account.name}: unknown key {unknown[0]!r} for kind {self.kind!r} "
+                f"(its own keys: {own})"
+            )
         self.account = account
 
     async def start(self) -> None:  # noqa: B027 (optional hook: most adapters need nothing)

@@ -58,6 +58,7 @@ class MailgunAdapter(HttpAdapter):
 
     kind = "mailgun"
     display_name = "Mailgun"
+    option_keys = frozenset({"region", "domain"})
     default_base_url = REGIONS["us"]
     # "The maximum message size Mailgun supports is 25MB"; batch sending allows 1000 recipients.
     limits: ClassVar[BatchLimits] = BatchLimits(

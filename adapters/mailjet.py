@@ -48,6 +48,7 @@ class MailjetAdapter(HttpAdapter):
 
     kind = "mailjet"
     display_name = "Mailjet"
+    option_keys = frozenset({"api_key_public", "custom_campaign"})
     default_base_url = "https://api.mailjet.com"
     # Send API v3.1: 50 messages per call, 50 recipients per message (To + Cc + Bcc), and all
     # attachments of a message (inline included) at most 15 MB.

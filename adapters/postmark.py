@@ -63,6 +63,7 @@ class PostmarkAdapter(HttpAdapter):
 
     kind = "postmark"
     display_name = "Postmark"
+    option_keys = frozenset({"message_stream"})
     default_base_url = "https://api.postmarkapp.com"
     # 500 messages and 50 MB (attachments included, base64-encoded) per batch; 50 recipients
     # (To + Cc + Bcc) per message. The 10 MB per-message limit is checked in precheck().

@@ -22,9 +22,16 @@ from botocore.exceptions import (
     ParamValidationError,
 )
 
-from adapters.base import Adapter, AdapterError, BatchLimits, Mailbox, OutboundEmail, SendOutcome
+from adapters.base import (
+    Adapter,
+    AdapterError,
+    BatchLimits,
+    Mailbox,
+    OutboundEmail,
+    SendOutcome,
+    account_option,
+)
 from adapters.mime import ascii_address, build_mime
-from adapters.smtp import account_option
 from swu_delivery.config import EspAccount
 from swu_delivery.errors import InvalidArgument
 from swu_delivery.validation import check_header_text
@@ -96,6 +103,7 @@ class SesAdapter(Adapter):
 
     kind = "ses"
     display_name = "Amazon SES"
+    option_keys = frozenset({"region", "access_key_id", "configuration_set"})
     # SES v2: 50 recipients (to + cc + bcc) and 40 MB per message, attachments base64-encoded.
     limits: ClassVar[BatchLimits] = BatchLimits(
         messages_per_call=1, recipients_per_message=50, bytes_per_call=40 * 1024 * 1024
@@ -107,10 +115,10 @@ class SesAdapter(Adapter):
         access_key_id = account_option(account, "access_key_id", str, "")
         self.configuration_set = account_option(account, "configuration_set", str, "")
         if not self.region:
-            raise AdapterError(f"esp {account.name}: options.region is required")
+            raise AdapterError(f"esp {account.name}: region is required")
         if bool(access_key_id) != bool(account.api_key):
             raise AdapterError(
-                f"esp {account.name}: give options.access_key_id and the secret key "
+                f"esp {account.name}: give access_key_id and the secret key "
                 "(api_key_env/api_key_file) together, or neither for the default AWS chain"
             )
         if account.base_url and not account.base_url.startswith(("http://", "https://")):

@@ -12,7 +12,7 @@ import dataclasses
 import re
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import aiosmtplib
 
@@ -23,26 +23,18 @@ from adapters.base import (
     OutboundEmail,
     OutcomeKind,
     SendOutcome,
+    account_option,
 )
 from adapters.mime import ascii_address, build_mime
 from swu_delivery.config import EspAccount
 from swu_delivery.errors import InvalidArgument
 
-__all__ = ["SmtpAdapter", "SmtpPool", "account_option"]
+__all__ = ["SmtpAdapter", "SmtpPool"]
 
 DEFAULT_PORTS = {"starttls": 587, "implicit": 465, "none": 25}
 NOOP_AFTER = 5.0  # seconds idle after which a pooled connection is NOOP-checked before reuse
 _QUEUE_ID = re.compile(r"queued as\s+<?([^\s<>]+)|\bid=([^\s<>]+)", re.IGNORECASE)
 _RATE_TEXT = re.compile(r"rate|too many|throttl", re.IGNORECASE)
-T = TypeVar("T")
-
-
-def account_option(account: EspAccount, key: str, kind: type[T], default: T) -> T:
-    """`options.<key>` of the account's `[[esp]]` table, type-checked."""
-    value = account.options.get(key, default)
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise AdapterError(f"esp {account.name}: options.{key} must be a {kind.__name__}")
-    return value
 
 
 class SmtpPool:
@@ -113,6 +105,9 @@ class SmtpAdapter(Adapter):
 
     kind = "smtp"
     display_name = "SMTP"
+    option_keys = frozenset(
+        {"host", "port", "tls", "pool_size", "username", "validate_certs", "local_hostname"}
+    )
     # RFC 5321 4.5.3.1.8: servers accept at least 100 RCPTs; size is the server's SIZE (552).
     limits: ClassVar[BatchLimits] = BatchLimits(
         messages_per_call=1, recipients_per_message=100, bytes_per_call=64 * 1024 * 1024

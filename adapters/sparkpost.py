@@ -55,6 +55,7 @@ class SparkPostAdapter(HttpAdapter):
 
     kind = "sparkpost"
     display_name = "SparkPost"
+    option_keys = frozenset({"region", "subaccount"})
     default_base_url = REGIONS["us"]
     # Content (text + html + base64 attachments and images) "Maximum size - 15MBs". SparkPost
     # documents no recipient cap for inline recipients; 1000 keeps one transmission small.

@@ -28,6 +28,7 @@ __all__ = [
 
 SIMULATOR_ACCOUNT = "simulator"
 SIMULATOR_KEY = "sim-key"  # the embedded simulator's own key; not a secret
+MIN_IDEMPOTENCY_TTL = 24 * 3600.0  # seconds; the API promises keys are kept at least this long
 
 
 class ConfigError(ValueError):
@@ -53,7 +54,7 @@ class EspAccount:
 class DeliveryConfig:
     """How delivery lanes claim, retry and give up."""
 
-    default_esp: str = SIMULATOR_ACCOUNT
+    default_esp: str = ""  # empty: the first [[esp]] account (the simulator when there is none)
     max_attempts: int = 5  # attempts per message before it fails with "retries exhausted"
     retry_base: float = 2.0  # seconds; backoff is full-jitter exponential from here
     retry_max: float = 600.0  # cap of one backoff, seconds
@@ -152,7 +153,10 @@ def load_config(
             raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: {exc}") from None
-    esps = tuple(_account(a, i) for i, a in enumerate(raw.pop("esp", [])))
+    tables = raw.pop("esp", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError("esp: ESP accounts are an array of tables; write [[esp]], not [esp]")
+    esps = tuple(_account(a, i) for i, a in enumerate(tables))
     sections = {
         "delivery": (DeliveryConfig, "delivery"),
         "simulator": (SimulatorSettings, "simulator"),
@@ -186,8 +190,16 @@ def load_config(
     names = [a.name for a in config.esps]
     if len(set(names)) != len(names):
         raise ConfigError("esp: account names must be unique")
-    if config.delivery.default_esp not in names:
-        if "delivery" in kwargs:
-            config.account(config.delivery.default_esp)  # raises with the key named
+    if not config.delivery.default_esp:
         config = replace(config, delivery=replace(config.delivery, default_esp=names[0]))
+    elif config.delivery.default_esp not in names:
+        raise ConfigError(
+            f"delivery.default_esp: no ESP account named {config.delivery.default_esp!r} "
+            f"(accounts: {', '.join(names)})"
+        )
+    if config.idempotency_ttl < MIN_IDEMPOTENCY_TTL:
+        raise ConfigError(
+            f"idempotency_ttl: {config.idempotency_ttl:g} s is below the guaranteed "
+            f"{MIN_IDEMPOTENCY_TTL:g} s (24 h)"
+        )
     return config
