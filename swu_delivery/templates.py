@@ -312,6 +312,9 @@ class TemplateStore:
             seen.add(c.locale.lower())
             if not c.subject.strip():
                 raise InvalidArgument("required", field=f"{where}.subject")
+            if "\n" in c.subject.strip() or "\r" in c.subject.strip():
+                problem = "must be one line (a subject is a header; it cannot contain a line break)"
+                raise InvalidArgument(problem, field=f"{where}.subject")
             if not (c.html.strip() or c.text.strip()):
                 raise InvalidArgument("html or text is required", field=f"{where}.html")
             for part, autoescape in PARTS:

@@ -151,12 +151,14 @@ def test_bad_templates_rejected_at_save(swu_server: ServerHandle, source: str, p
         ({"en": ("s", "", "")}, "en", "contents[0].html"),
         ({"e n": ("s", "x", "")}, "en", "contents[0].locale"),
         ({"en": ("s", "x", "")}, "fr", "default_locale"),
+        ({"en": ("Order\n{{ n }}", "x", "")}, "en", "contents[0].subject"),
+        ({"en": ("s", "x", ""), "fr": ("a\rb", "x", "")}, "en", "contents[1].subject"),
     ],
 )
 def test_invalid_template_fields(
     swu_server: ServerHandle, contents: dict[str, tuple[str, str, str]], default: str, field: str
 ) -> None:
-    """Missing subject/body, bad locale and a default locale without content are named."""
+    """Missing or multi-line subject, no body, bad locale, content-less default are named."""
     with pytest.raises(grpc.RpcError) as err:
         swu_server.put_template("t", contents, default_locale=default)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
