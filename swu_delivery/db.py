@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS messages (
     id               TEXT PRIMARY KEY,
     state            INTEGER NOT NULL,  -- MessageState: 1 queued, 2 sent, 3 failed
     priority         INTEGER NOT NULL,  -- 1 transactional, 2 bulk
-    due_at           REAL NOT NULL,     -- not before (send_at, or a retry's backoff)
+    due_at           REAL NOT NULL,     -- not before (send_at, a retry's backoff, or the lease end)
     lease_until      REAL NOT NULL DEFAULT 0,  -- claimed by a lane until then; 0 = free
     template_id      TEXT NOT NULL,
     template_version INTEGER NOT NULL,

@@ -129,13 +129,17 @@ def _accept(
 
 
 def _claim(conn: sqlite3.Connection, limit: int, lease: float, now: float) -> list[Claimed]:
+    # A claim also moves due_at to the lease's expiry: claimed rows then sort after every due
+    # one in the messages_ready index, so the next claim does not walk past them, and a claim
+    # left by a crashed process becomes due again when its lease runs out.
     with transaction(conn):
         cur = conn.execute(
-            "UPDATE messages SET lease_until = ?, attempts = attempts + 1, updated_at = ?"
-            " WHERE id IN (SELECT id FROM messages WHERE state = 1 AND due_at <= ?"
-            " AND lease_until <= ? ORDER BY priority, due_at LIMIT ?)"
+            "UPDATE messages SET lease_until = ?1, due_at = ?1, attempts = attempts + 1,"
+            " updated_at = ?2"
+            " WHERE id IN (SELECT id FROM messages WHERE state = 1 AND due_at <= ?2"
+            " AND lease_until <= ?2 ORDER BY priority, due_at LIMIT ?3)"
             " RETURNING id, payload, template_id, template_version, locale, attempts",
-            (now + lease, now, now, now, limit),
+            (now + lease, now, limit),
         )
         return [Claimed(*row) for row in cur.fetchall()]
 
@@ -164,18 +168,23 @@ def _record(conn: sqlite3.Connection, completions: Sequence[Completion], now: fl
         )
 
 
-def _release(conn: sqlite3.Connection, ids: Sequence[str] | None) -> int:
-    """Give claimed messages back without counting the attempt (all of them when ids is None)."""
+def _release(conn: sqlite3.Connection, ids: Sequence[str] | None, now: float) -> int:
+    """Give claimed messages back, due now (all of them when ids is None).
+
+    Released by id (a graceful stop) the attempt is not counted: no ESP call was made.
+    """
     with transaction(conn):
         if ids is None:
             cur = conn.execute(
-                "UPDATE messages SET lease_until = 0 WHERE state = 1 AND lease_until > 0"
+                "UPDATE messages SET lease_until = 0, due_at = ?"
+                " WHERE state = 1 AND lease_until > 0",
+                (now,),
             )
             return cur.rowcount
         conn.executemany(
-            "UPDATE messages SET lease_until = 0, attempts = max(attempts - 1, 0)"
-            " WHERE id = ? AND state = 1",
-            [(i,) for i in ids],
+            "UPDATE messages SET lease_until = 0, due_at = ?, attempts = max(attempts - 1, 0)"
+            " WHERE id = ? AND state = 1 AND lease_until > 0",
+            [(now, i) for i in ids],
         )
         return len(ids)
 
@@ -207,7 +216,7 @@ class Outbox:
             await self.db.run(_record, completions, time.time())
 
     async def release(self, ids: Sequence[str] | None = None) -> int:
-        return await self.db.run(_release, ids)
+        return await self.db.run(_release, ids, time.time())
 
     async def prune_idempotency_keys(self) -> int:
         return await self.db.run(_prune_keys, time.time() - self.idempotency_ttl)

@@ -8,6 +8,7 @@ stops; what was not sent stays queued for the next start.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -21,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from adapters import create_adapter
-from adapters.base import Adapter
+from adapters.base import Adapter, AdapterError
 from swu_delivery._proto.swu.delivery.v1 import (
     delivery_pb2,
     delivery_pb2_grpc,
@@ -47,6 +48,7 @@ SERVICE_NAMES = (
     template_pb2.DESCRIPTOR.services_by_name["TemplateService"].full_name,
 )
 HOUSEKEEPING_SECONDS = 3600.0
+GC_GEN0_THRESHOLD = 50_000  # allocations between young-generation collections (default 700)
 
 
 def _server_options(config: Config) -> list[tuple[str, Any]]:
@@ -101,7 +103,10 @@ class Service:
         if self.config.simulator.enabled:
             await self._start_simulator()
         for account in self.config.esps:
-            adapter = create_adapter(account)
+            try:
+                adapter = create_adapter(account)
+            except AdapterError as exc:
+                raise ConfigError(str(exc)) from None
             await adapter.start()
             self.adapters[account.name] = adapter
         self.dispatcher = Dispatcher(
@@ -192,6 +197,7 @@ async def serve(config: Config) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await service.start()
+    tune_gc()
     host = config.listen.rpartition(":")[0]
     print(f"swu-delivery listening on {host}:{service.port}", flush=True)
     log.info("serving on %s:%d, data in %s", host, service.port, config.data_dir)
@@ -199,6 +205,20 @@ async def serve(config: Config) -> None:
     log.info("shutting down: draining in-flight deliveries")
     await service.stop()
     log.info("stopped")
+
+
+def tune_gc() -> None:
+    """Keep the cyclic collector off the hot path.
+
+    Delivery allocates many short-lived objects (protobufs, dicts, aiohttp requests) that
+    reference counting frees; with the default gen-0 threshold of 700 the collector ran often
+    and its full collections, each tens of milliseconds on a loaded heap, stalled the event
+    loop (about a fifth of service CPU in benchmarks/bench_send.py). Objects alive after
+    start-up are frozen out of collections; the thresholds make collections rarer.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, 20, 100)
 
 
 def run(config: Config, *, workers: int = 1) -> None:
