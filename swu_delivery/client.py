@@ -33,7 +33,7 @@ from collections.abc import (
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import grpc
 import grpc.aio
@@ -75,6 +75,9 @@ DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
 )
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
+_Channel = TypeVar("_Channel", grpc.Channel, grpc.aio.Channel)
 
 
 class ClientError(SwuError):
@@ -89,6 +92,17 @@ class ClientError(SwuError):
 
     def __repr__(self) -> str:
         return f"ClientError({self.code.name}, {self.message!r})"
+
+
+def _open_channel(
+    target: str | _Channel,
+    connect: Callable[..., _Channel],
+    options: Sequence[tuple[str, Any]],
+) -> tuple[_Channel, bool]:
+    """The channel a client uses, and whether it is the client's to close (a target it opened)."""
+    if isinstance(target, str):
+        return connect(target, options=options), True
+    return target, False
 
 
 @contextmanager
@@ -143,6 +157,11 @@ def _priority(value: int | str) -> delivery_pb2.Priority.ValueType:
     raise ValueError(f"priority: unknown value {value}")
 
 
+def _data_json(data: Mapping[str, Any] | None) -> str:
+    """Template data as JSON text; None (no data) is the empty string."""
+    return orjson.dumps(data).decode() if data is not None else ""
+
+
 def email(
     template_id: str,
     to: AddressLike,
@@ -172,7 +191,7 @@ def email(
         to=_address(to, name),
         cc=[_address(a) for a in cc],
         bcc=[_address(a) for a in bcc],
-        data_json=orjson.dumps(data).decode() if data is not None else "",
+        data_json=_data_json(data),
         headers=headers,
         tags=tags,
         metadata=metadata,
@@ -204,6 +223,80 @@ def _locale_contents(contents: LocaleContents) -> list[template_pb2.LocaleConten
             for locale, parts in contents.items()
         ]
     return list(contents)
+
+
+def _render_request(
+    template_id: str, data: Mapping[str, Any] | None, locale: str, version: int
+) -> delivery_pb2.RenderRequest:
+    """The Render request for a template, data, locale and version."""
+    return delivery_pb2.RenderRequest(
+        template_id=template_id,
+        template_version=version,
+        locale=locale,
+        data_json=_data_json(data),
+    )
+
+
+def _create_template_request(
+    template_id: str, contents: LocaleContents, default_locale: str, description: str
+) -> template_pb2.CreateTemplateRequest:
+    """The CreateTemplate request for a template's first version."""
+    return template_pb2.CreateTemplateRequest(
+        template_id=template_id,
+        description=description,
+        default_locale=default_locale,
+        contents=_locale_contents(contents),
+    )
+
+
+def _update_template_request(
+    template_id: str,
+    contents: LocaleContents,
+    default_locale: str,
+    description: str,
+    draft: bool,
+) -> template_pb2.UpdateTemplateRequest:
+    """The UpdateTemplate request for a template's next version."""
+    return template_pb2.UpdateTemplateRequest(
+        template_id=template_id,
+        default_locale=default_locale,
+        contents=_locale_contents(contents),
+        draft=draft,
+        description=description,
+    )
+
+
+def _put_template_requests(
+    template_id: str,
+    contents: LocaleContents,
+    default_locale: str,
+    description: str,
+    draft: bool,
+) -> tuple[template_pb2.CreateTemplateRequest, template_pb2.UpdateTemplateRequest]:
+    """The CreateTemplate request to try first, and the UpdateTemplate one if it exists."""
+    items = _locale_contents(contents)  # read `contents` once
+    return (
+        _create_template_request(template_id, items, default_locale, description),
+        _update_template_request(template_id, items, default_locale, description, draft),
+    )
+
+
+def _created_as_updated(
+    created: template_pb2.CreateTemplateResponse,
+) -> template_pb2.UpdateTemplateResponse:
+    """A create's response in the shape `put_template` returns."""
+    return template_pb2.UpdateTemplateResponse(template=created.template, version=created.version)
+
+
+def _next_page(
+    request: template_pb2.ListTemplatesRequest, response: template_pb2.ListTemplatesResponse
+) -> template_pb2.ListTemplatesRequest | None:
+    """The request for the page after `response`, or None after the last page."""
+    if not response.next_page_token:
+        return None
+    return template_pb2.ListTemplatesRequest(
+        page_size=request.page_size, page_token=response.next_page_token
+    )
 
 
 # --- bulk results ---------------------------------------------------------------------------
@@ -252,14 +345,40 @@ class BulkReport:
         )
 
 
-def _indexed(
-    results: Sequence[delivery_pb2.SendResult], offset: int
-) -> list[delivery_pb2.SendResult]:
-    """The results renumbered by input position, starting at `offset`."""
-    out = list(results)
-    for i, result in enumerate(out):
-        result.index = offset + i
-    return out
+class _Tally:
+    """A BulkReport filled chunk by chunk; its clock starts when the tally is made."""
+
+    def __init__(self, on_progress: ProgressCallback | None) -> None:
+        self.report = BulkReport()
+        self._on_progress = on_progress
+        self._start = time.monotonic()
+
+    def add(self, results: Iterable[delivery_pb2.SendResult]) -> None:
+        """Fold one chunk of results into the report, then tell `on_progress`."""
+        for result in results:
+            self.report.add(result)
+        self.report.elapsed = time.monotonic() - self._start
+        if self._on_progress is not None:
+            self._on_progress(self.report)
+
+    def finish(self) -> BulkReport:
+        """The report, its clock stopped."""
+        self.report.elapsed = time.monotonic() - self._start
+        return self.report
+
+
+class _Numbering:
+    """Renumbers chunk after chunk of results by input position, from 0."""
+
+    def __init__(self) -> None:
+        self._offset = 0
+
+    def __call__(self, results: Sequence[delivery_pb2.SendResult]) -> list[delivery_pb2.SendResult]:
+        out = list(results)
+        for index, result in enumerate(out, self._offset):
+            result.index = index
+        self._offset += len(out)
+        return out
 
 
 def _chunks(emails: Iterable[delivery_pb2.Email], size: int) -> Iterator[list[delivery_pb2.Email]]:
@@ -300,6 +419,37 @@ def _check_bulk_args(batch_size: int, concurrency: int) -> None:
         raise ValueError("concurrency: must be at least 1")
 
 
+class _StreamLedger:
+    """One SendStream's counts: emails written, results received, chunks awaiting results."""
+
+    def __init__(self) -> None:
+        self.written = 0
+        self.received = 0
+        self._ends: deque[int] = deque()  # cumulative email count at the end of each chunk
+
+    def wrote(self, count: int) -> None:
+        """A chunk of `count` emails went out."""
+        self.written += count
+        self._ends.append(self.written)
+
+    def got(self, count: int) -> int:
+        """`count` more results arrived; how many written chunks they complete."""
+        self.received += count
+        completed = 0
+        while self._ends and self._ends[0] <= self.received:
+            self._ends.popleft()
+            completed += 1
+        return completed
+
+    def check_complete(self) -> None:
+        """After the stream ended: a result for every email written, or DATA_LOSS."""
+        if self.received != self.written:
+            raise ClientError(
+                grpc.StatusCode.DATA_LOSS,
+                f"stream ended with {self.received} results for {self.written} emails",
+            )
+
+
 # --- async client ---------------------------------------------------------------------------
 
 
@@ -313,11 +463,9 @@ class AsyncClient:
         channel_options: Sequence[tuple[str, Any]] = DEFAULT_CHANNEL_OPTIONS,
         timeout: float | None = 30.0,
     ) -> None:
-        self._owns_channel = isinstance(target, str)
-        if isinstance(target, str):
-            self.channel = grpc.aio.insecure_channel(target, options=channel_options)
-        else:
-            self.channel = target
+        self.channel, self._owns_channel = _open_channel(
+            target, grpc.aio.insecure_channel, channel_options
+        )
         self.timeout = timeout  # per unary call; streams have no deadline
         self._delivery = delivery_pb2_grpc.DeliveryServiceStub(self.channel)
         self._templates = template_pb2_grpc.TemplateServiceStub(self.channel)
@@ -338,23 +486,25 @@ class AsyncClient:
         if self._owns_channel:
             await self.channel.close(None)
 
+    async def _unary(
+        self, method: grpc.aio.UnaryUnaryMultiCallable[_Request, _Response], request: _Request
+    ) -> _Response:
+        """One unary call with this client's timeout; its failure raises ClientError."""
+        with _rpc_errors():
+            return await method(request, timeout=self.timeout)
+
     # sending
 
     async def send(self, message: delivery_pb2.Email) -> delivery_pb2.SendResponse:
         """Send one email; a rejection raises ClientError."""
-        with _rpc_errors():
-            return await self._delivery.Send(
-                delivery_pb2.SendRequest(email=message), timeout=self.timeout
-            )
+        return await self._unary(self._delivery.Send, delivery_pb2.SendRequest(email=message))
 
     async def send_batch(
         self, emails: Iterable[delivery_pb2.Email]
     ) -> list[delivery_pb2.SendResult]:
         """Send up to 1000 emails in one call; one result per email, in order."""
         request = delivery_pb2.SendBatchRequest(emails=emails)
-        with _rpc_errors():
-            response = await self._delivery.SendBatch(request, timeout=self.timeout)
-        return list(response.results)
+        return list((await self._unary(self._delivery.SendBatch, request)).results)
 
     async def send_iter(
         self,
@@ -379,16 +529,10 @@ class AsyncClient:
         on_progress: ProgressCallback | None = None,
     ) -> BulkReport:
         """Send any number of emails in chunks and tally the results in input order."""
-        report = BulkReport()
-        start = time.monotonic()
+        tally = _Tally(on_progress)
         async for results in self._result_chunks(emails, batch_size, concurrency, stream):
-            for result in results:
-                report.add(result)
-            report.elapsed = time.monotonic() - start
-            if on_progress is not None:
-                on_progress(report)
-        report.elapsed = time.monotonic() - start
-        return report
+            tally.add(results)
+        return tally.finish()
 
     async def _result_chunks(
         self,
@@ -399,12 +543,10 @@ class AsyncClient:
     ) -> AsyncIterator[list[delivery_pb2.SendResult]]:
         """Chunks of results, in input order, with input indices."""
         _check_bulk_args(batch_size, concurrency)
-        chunks = _achunks(emails, batch_size)
         source = self._stream_chunks if stream else self._batch_chunks
-        offset = 0
-        async for results in source(chunks, concurrency):
-            yield _indexed(results, offset)
-            offset += len(results)
+        numbered = _Numbering()
+        async for results in source(_achunks(emails, batch_size), concurrency):
+            yield numbered(results)
 
     async def _batch_chunks(
         self, chunks: AsyncIterator[list[delivery_pb2.Email]], concurrency: int
@@ -429,16 +571,13 @@ class AsyncClient:
         """One SendStream call, up to `concurrency` chunks awaiting results at once."""
         call = self._delivery.SendStream(None)  # written with call.write()
         window = asyncio.Semaphore(concurrency)
-        ends: deque[int] = deque()  # cumulative item count at the end of each written chunk
-        written = 0
+        ledger = _StreamLedger()
 
         async def write_all() -> None:
-            nonlocal written
             try:
                 async for chunk in chunks:
                     await window.acquire()
-                    written += len(chunk)
-                    ends.append(written)
+                    ledger.wrote(len(chunk))
                     await call.write(delivery_pb2.SendStreamRequest(emails=chunk))
                 await call.done_writing()
             except BaseException:
@@ -446,7 +585,6 @@ class AsyncClient:
                 raise
 
         writer = asyncio.create_task(write_all())
-        received = 0
         try:
             while True:
                 try:
@@ -461,18 +599,12 @@ class AsyncClient:
                     raise _client_error(exc) from None
                 if not isinstance(response, delivery_pb2.SendStreamResponse):
                     break  # grpc.aio.EOF
-                received += len(response.results)
-                while ends and ends[0] <= received:
-                    ends.popleft()
+                for _ in range(ledger.got(len(response.results))):
                     window.release()
                 yield response.results
             with _rpc_errors():
                 await writer
-            if received != written:
-                raise ClientError(
-                    grpc.StatusCode.DATA_LOSS,
-                    f"stream ended with {received} results for {written} emails",
-                )
+            ledger.check_complete()
         finally:
             if not writer.done():
                 writer.cancel()
@@ -484,9 +616,7 @@ class AsyncClient:
     async def get_message(self, message_id: str) -> delivery_pb2.Message:
         """A message's state and event history; NOT_FOUND raises ClientError."""
         request = delivery_pb2.GetMessageRequest(message_id=message_id)
-        with _rpc_errors():
-            response = await self._delivery.GetMessage(request, timeout=self.timeout)
-        return response.message
+        return (await self._unary(self._delivery.GetMessage, request)).message
 
     async def render(
         self,
@@ -498,8 +628,7 @@ class AsyncClient:
     ) -> delivery_pb2.RenderResponse:
         """Render a template with `data` without sending anything."""
         request = _render_request(template_id, data, locale, version)
-        with _rpc_errors():
-            return await self._delivery.Render(request, timeout=self.timeout)
+        return await self._unary(self._delivery.Render, request)
 
     # templates
 
@@ -512,14 +641,8 @@ class AsyncClient:
         description: str = "",
     ) -> template_pb2.CreateTemplateResponse:
         """Create a template; its first version is active."""
-        request = template_pb2.CreateTemplateRequest(
-            template_id=template_id,
-            description=description,
-            default_locale=default_locale,
-            contents=_locale_contents(contents),
-        )
-        with _rpc_errors():
-            return await self._templates.CreateTemplate(request, timeout=self.timeout)
+        request = _create_template_request(template_id, contents, default_locale, description)
+        return await self._unary(self._templates.CreateTemplate, request)
 
     async def update_template(
         self,
@@ -531,15 +654,10 @@ class AsyncClient:
         draft: bool = False,
     ) -> template_pb2.UpdateTemplateResponse:
         """Store a new version, active unless `draft`; a non-empty description replaces it."""
-        request = template_pb2.UpdateTemplateRequest(
-            template_id=template_id,
-            default_locale=default_locale,
-            contents=_locale_contents(contents),
-            draft=draft,
-            description=description,
+        request = _update_template_request(
+            template_id, contents, default_locale, description, draft
         )
-        with _rpc_errors():
-            return await self._templates.UpdateTemplate(request, timeout=self.timeout)
+        return await self._unary(self._templates.UpdateTemplate, request)
 
     async def put_template(
         self,
@@ -551,55 +669,43 @@ class AsyncClient:
         draft: bool = False,
     ) -> template_pb2.UpdateTemplateResponse:
         """Create the template, or store a new version if it exists (a new one is never a draft)."""
-        items = _locale_contents(contents)
+        create, update = _put_template_requests(
+            template_id, contents, default_locale, description, draft
+        )
         try:
-            created = await self.create_template(
-                template_id, items, default_locale=default_locale, description=description
-            )
+            created = await self._unary(self._templates.CreateTemplate, create)
         except ClientError as exc:
             if exc.code != grpc.StatusCode.ALREADY_EXISTS:
                 raise
-        else:
-            return template_pb2.UpdateTemplateResponse(
-                template=created.template, version=created.version
-            )
-        return await self.update_template(
-            template_id, items, default_locale=default_locale, description=description, draft=draft
-        )
+            return await self._unary(self._templates.UpdateTemplate, update)
+        return _created_as_updated(created)
 
     async def get_template(
         self, template_id: str, version: int = 0
     ) -> template_pb2.GetTemplateResponse:
         """A template and one of its versions (0: the active one)."""
         request = template_pb2.GetTemplateRequest(template_id=template_id, version=version)
-        with _rpc_errors():
-            return await self._templates.GetTemplate(request, timeout=self.timeout)
+        return await self._unary(self._templates.GetTemplate, request)
 
     async def list_templates(self, *, page_size: int = 0) -> AsyncIterator[template_pb2.Template]:
         """Every template, following page tokens."""
-        token = ""
-        while True:
-            request = template_pb2.ListTemplatesRequest(page_size=page_size, page_token=token)
-            with _rpc_errors():
-                response = await self._templates.ListTemplates(request, timeout=self.timeout)
+        request: template_pb2.ListTemplatesRequest | None
+        request = template_pb2.ListTemplatesRequest(page_size=page_size)
+        while request is not None:
+            response = await self._unary(self._templates.ListTemplates, request)
             for template in response.templates:
                 yield template
-            token = response.next_page_token
-            if not token:
-                return
+            request = _next_page(request, response)
 
     async def delete_template(self, template_id: str) -> None:
         """Soft-delete a template: new sends are refused."""
         request = template_pb2.DeleteTemplateRequest(template_id=template_id)
-        with _rpc_errors():
-            await self._templates.DeleteTemplate(request, timeout=self.timeout)
+        await self._unary(self._templates.DeleteTemplate, request)
 
     async def list_template_versions(self, template_id: str) -> list[template_pb2.TemplateVersion]:
         """A template's versions, newest first, without contents."""
         request = template_pb2.ListTemplateVersionsRequest(template_id=template_id)
-        with _rpc_errors():
-            response = await self._templates.ListTemplateVersions(request, timeout=self.timeout)
-        return list(response.versions)
+        return list((await self._unary(self._templates.ListTemplateVersions, request)).versions)
 
     async def activate_template_version(
         self, template_id: str, version: int
@@ -608,21 +714,7 @@ class AsyncClient:
         request = template_pb2.ActivateTemplateVersionRequest(
             template_id=template_id, version=version
         )
-        with _rpc_errors():
-            response = await self._templates.ActivateTemplateVersion(request, timeout=self.timeout)
-        return response.template
-
-
-def _render_request(
-    template_id: str, data: Mapping[str, Any] | None, locale: str, version: int
-) -> delivery_pb2.RenderRequest:
-    """The Render request for a template, data, locale and version."""
-    return delivery_pb2.RenderRequest(
-        template_id=template_id,
-        template_version=version,
-        locale=locale,
-        data_json=orjson.dumps(data).decode() if data is not None else "",
-    )
+        return (await self._unary(self._templates.ActivateTemplateVersion, request)).template
 
 
 # --- sync client ----------------------------------------------------------------------------
@@ -635,9 +727,8 @@ class _RequestFeed:
         self._chunks = chunks
         self._window = threading.Semaphore(window)
         self._stopped = threading.Event()
-        self._lock = threading.Lock()
-        self.ends: deque[int] = deque()
-        self.written = 0
+        self._lock = threading.Lock()  # the ledger is written by grpc's feed thread too
+        self._ledger = _StreamLedger()
         self.error: BaseException | None = None  # raised by the source, seen by the caller
 
     def __iter__(self) -> Iterator[delivery_pb2.SendStreamRequest]:
@@ -647,19 +738,23 @@ class _RequestFeed:
                     if self._stopped.is_set():
                         return
                 with self._lock:
-                    self.written += len(chunk)
-                    self.ends.append(self.written)
+                    self._ledger.wrote(len(chunk))
                 yield delivery_pb2.SendStreamRequest(emails=chunk)
         except Exception as exc:  # grpc would swallow it into a CANCELLED status
             self.error = exc
             raise
 
     def received(self, count: int) -> None:
-        """Results up to `count` arrived: open the window for the chunks they complete."""
+        """`count` more results arrived: open the window for the chunks they complete."""
         with self._lock:
-            while self.ends and self.ends[0] <= count:
-                self.ends.popleft()
-                self._window.release()
+            completed = self._ledger.got(count)
+        for _ in range(completed):
+            self._window.release()
+
+    def check_complete(self) -> None:
+        """After the stream ended: a result for every email written, or DATA_LOSS."""
+        with self._lock:
+            self._ledger.check_complete()
 
     def stop(self) -> None:
         """Let a blocked feed thread end."""
@@ -684,11 +779,9 @@ class Client:
         channel_options: Sequence[tuple[str, Any]] = DEFAULT_CHANNEL_OPTIONS,
         timeout: float | None = 30.0,
     ) -> None:
-        self._owns_channel = isinstance(target, str)
-        if isinstance(target, str):
-            self.channel = grpc.insecure_channel(target, options=channel_options)
-        else:
-            self.channel = target
+        self.channel, self._owns_channel = _open_channel(
+            target, grpc.insecure_channel, channel_options
+        )
         self.timeout = timeout  # per unary call; streams have no deadline
         self._delivery = delivery_pb2_grpc.DeliveryServiceStub(self.channel)
         self._templates = template_pb2_grpc.TemplateServiceStub(self.channel)
@@ -709,21 +802,23 @@ class Client:
         if self._owns_channel:
             self.channel.close()
 
+    def _unary(
+        self, method: grpc.UnaryUnaryMultiCallable[_Request, _Response], request: _Request
+    ) -> _Response:
+        """One unary call with this client's timeout; its failure raises ClientError."""
+        with _rpc_errors():
+            return method(request, timeout=self.timeout)
+
     # sending
 
     def send(self, message: delivery_pb2.Email) -> delivery_pb2.SendResponse:
         """Send one email; a rejection raises ClientError."""
-        with _rpc_errors():
-            return self._delivery.Send(
-                delivery_pb2.SendRequest(email=message), timeout=self.timeout
-            )
+        return self._unary(self._delivery.Send, delivery_pb2.SendRequest(email=message))
 
     def send_batch(self, emails: Iterable[delivery_pb2.Email]) -> list[delivery_pb2.SendResult]:
         """Send up to 1000 emails in one call; one result per email, in order."""
         request = delivery_pb2.SendBatchRequest(emails=emails)
-        with _rpc_errors():
-            response = self._delivery.SendBatch(request, timeout=self.timeout)
-        return list(response.results)
+        return list(self._unary(self._delivery.SendBatch, request).results)
 
     def send_iter(
         self,
@@ -747,16 +842,10 @@ class Client:
         on_progress: ProgressCallback | None = None,
     ) -> BulkReport:
         """Send any number of emails in chunks and tally the results in input order."""
-        report = BulkReport()
-        start = time.monotonic()
+        tally = _Tally(on_progress)
         for results in self._result_chunks(emails, batch_size, concurrency, stream):
-            for result in results:
-                report.add(result)
-            report.elapsed = time.monotonic() - start
-            if on_progress is not None:
-                on_progress(report)
-        report.elapsed = time.monotonic() - start
-        return report
+            tally.add(results)
+        return tally.finish()
 
     def _result_chunks(
         self,
@@ -767,12 +856,10 @@ class Client:
     ) -> Iterator[list[delivery_pb2.SendResult]]:
         """Chunks of results, in input order, with input indices."""
         _check_bulk_args(batch_size, concurrency)
-        chunks = _chunks(emails, batch_size)
         source = self._stream_chunks if stream else self._batch_chunks
-        offset = 0
-        for results in source(chunks, concurrency):
-            yield _indexed(results, offset)
-            offset += len(results)
+        numbered = _Numbering()
+        for results in source(_chunks(emails, batch_size), concurrency):
+            yield numbered(results)
 
     def _batch_chunks(
         self, chunks: Iterator[list[delivery_pb2.Email]], concurrency: int
@@ -798,11 +885,9 @@ class Client:
         """One SendStream call, up to `concurrency` chunks awaiting results at once."""
         feed = _RequestFeed(chunks, concurrency)
         responses = self._delivery.SendStream(iter(feed))
-        received = 0
         try:
             for response in responses:
-                received += len(response.results)
-                feed.received(received)
+                feed.received(len(response.results))
                 yield response.results
         except grpc.RpcError as exc:
             if feed.error is not None:
@@ -811,19 +896,14 @@ class Client:
         finally:
             feed.stop()
             responses.cancel()  # type: ignore[no-untyped-call]  # untyped in grpc-stubs
-        if received != feed.written:
-            raise ClientError(
-                grpc.StatusCode.DATA_LOSS,
-                f"stream ended with {received} results for {feed.written} emails",
-            )
+        feed.check_complete()
 
     # messages and previews
 
     def get_message(self, message_id: str) -> delivery_pb2.Message:
         """A message's state and event history; NOT_FOUND raises ClientError."""
         request = delivery_pb2.GetMessageRequest(message_id=message_id)
-        with _rpc_errors():
-            return self._delivery.GetMessage(request, timeout=self.timeout).message
+        return self._unary(self._delivery.GetMessage, request).message
 
     def render(
         self,
@@ -835,8 +915,7 @@ class Client:
     ) -> delivery_pb2.RenderResponse:
         """Render a template with `data` without sending anything."""
         request = _render_request(template_id, data, locale, version)
-        with _rpc_errors():
-            return self._delivery.Render(request, timeout=self.timeout)
+        return self._unary(self._delivery.Render, request)
 
     # templates
 
@@ -849,14 +928,8 @@ class Client:
         description: str = "",
     ) -> template_pb2.CreateTemplateResponse:
         """Create a template; its first version is active."""
-        request = template_pb2.CreateTemplateRequest(
-            template_id=template_id,
-            description=description,
-            default_locale=default_locale,
-            contents=_locale_contents(contents),
-        )
-        with _rpc_errors():
-            return self._templates.CreateTemplate(request, timeout=self.timeout)
+        request = _create_template_request(template_id, contents, default_locale, description)
+        return self._unary(self._templates.CreateTemplate, request)
 
     def update_template(
         self,
@@ -868,15 +941,10 @@ class Client:
         draft: bool = False,
     ) -> template_pb2.UpdateTemplateResponse:
         """Store a new version, active unless `draft`; a non-empty description replaces it."""
-        request = template_pb2.UpdateTemplateRequest(
-            template_id=template_id,
-            default_locale=default_locale,
-            contents=_locale_contents(contents),
-            draft=draft,
-            description=description,
+        request = _update_template_request(
+            template_id, contents, default_locale, description, draft
         )
-        with _rpc_errors():
-            return self._templates.UpdateTemplate(request, timeout=self.timeout)
+        return self._unary(self._templates.UpdateTemplate, request)
 
     def put_template(
         self,
@@ -888,59 +956,46 @@ class Client:
         draft: bool = False,
     ) -> template_pb2.UpdateTemplateResponse:
         """Create the template, or store a new version if it exists (a new one is never a draft)."""
-        items = _locale_contents(contents)
+        create, update = _put_template_requests(
+            template_id, contents, default_locale, description, draft
+        )
         try:
-            created = self.create_template(
-                template_id, items, default_locale=default_locale, description=description
-            )
+            created = self._unary(self._templates.CreateTemplate, create)
         except ClientError as exc:
             if exc.code != grpc.StatusCode.ALREADY_EXISTS:
                 raise
-        else:
-            return template_pb2.UpdateTemplateResponse(
-                template=created.template, version=created.version
-            )
-        return self.update_template(
-            template_id, items, default_locale=default_locale, description=description, draft=draft
-        )
+            return self._unary(self._templates.UpdateTemplate, update)
+        return _created_as_updated(created)
 
     def get_template(self, template_id: str, version: int = 0) -> template_pb2.GetTemplateResponse:
         """A template and one of its versions (0: the active one)."""
         request = template_pb2.GetTemplateRequest(template_id=template_id, version=version)
-        with _rpc_errors():
-            return self._templates.GetTemplate(request, timeout=self.timeout)
+        return self._unary(self._templates.GetTemplate, request)
 
     def list_templates(self, *, page_size: int = 0) -> list[template_pb2.Template]:
         """Every template, following page tokens."""
         templates: list[template_pb2.Template] = []
-        token = ""
-        while True:
-            request = template_pb2.ListTemplatesRequest(page_size=page_size, page_token=token)
-            with _rpc_errors():
-                response = self._templates.ListTemplates(request, timeout=self.timeout)
+        request: template_pb2.ListTemplatesRequest | None
+        request = template_pb2.ListTemplatesRequest(page_size=page_size)
+        while request is not None:
+            response = self._unary(self._templates.ListTemplates, request)
             templates.extend(response.templates)
-            token = response.next_page_token
-            if not token:
-                return templates
+            request = _next_page(request, response)
+        return templates
 
     def delete_template(self, template_id: str) -> None:
         """Soft-delete a template: new sends are refused."""
         request = template_pb2.DeleteTemplateRequest(template_id=template_id)
-        with _rpc_errors():
-            self._templates.DeleteTemplate(request, timeout=self.timeout)
+        self._unary(self._templates.DeleteTemplate, request)
 
     def list_template_versions(self, template_id: str) -> list[template_pb2.TemplateVersion]:
         """A template's versions, newest first, without contents."""
         request = template_pb2.ListTemplateVersionsRequest(template_id=template_id)
-        with _rpc_errors():
-            response = self._templates.ListTemplateVersions(request, timeout=self.timeout)
-        return list(response.versions)
+        return list(self._unary(self._templates.ListTemplateVersions, request).versions)
 
     def activate_template_version(self, template_id: str, version: int) -> template_pb2.Template:
         """Make `version` the one new sends use."""
         request = template_pb2.ActivateTemplateVersionRequest(
             template_id=template_id, version=version
         )
-        with _rpc_errors():
-            response = self._templates.ActivateTemplateVersion(request, timeout=self.timeout)
-        return response.template
+        return self._unary(self._templates.ActivateTemplateVersion, request).template
