@@ -3,61 +3,24 @@
 from __future__ import annotations
 
 import base64
-import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 
-from adapters.base import AdapterError, Attachment, Mailbox, OutboundEmail, OutcomeKind, SendOutcome
+from adapters.base import AdapterError, Attachment, Mailbox, OutcomeKind, SendOutcome
 from adapters.mailjet import MailjetAdapter
-from swu_delivery._proto.swu.delivery.v1 import delivery_pb2
-from swu_delivery.config import EspAccount
-from tests.conftest import SIM_KEY_ENV, STATE_NAMES, ServerHandle, write_config
+from tests import adapter_kit as kit
+from tests.adapter_kit import message
+from tests.conftest import ServerHandle
 from tests.fixtures_sim import SimulatorHandle
-from tests.helpers import ORDER, data, mk
+from tests.helpers import data, mk
 
-PUBLIC_KEY = "sim-public"
+PUBLIC_KEY = kit.MAILJET_PUBLIC_KEY
 
-
-def account(sim: SimulatorHandle, **fields: Any) -> EspAccount:
-    """A Mailjet account at the simulator; `fields` override the defaults."""
-    options = {"api_key_public": PUBLIC_KEY, **fields.pop("options", {})}
-    defaults: dict[str, Any] = {
-        "name": "mj",
-        "kind": "mailjet",
-        "base_url": sim.url,
-        "api_key": "sim-key",
-        "sender": "orders@shop.example.com",
-        "timeout": 5.0,
-    }
-    return EspAccount(**(defaults | fields), options=options)
-
-
-def email(i: int = 0, to: str = "", **fields: Any) -> OutboundEmail:
-    """A rendered message numbered `i`."""
-    defaults: dict[str, Any] = {
-        "message_id": f"m-{i}",
-        "sender": Mailbox("orders@shop.example.com", "Shop"),
-        "to": Mailbox(to or f"user{i}@example.com"),
-        "subject": f"Order {i} shipped",
-        "html": f"<p>Order {i}</p>",
-        "text": f"Order {i}",
-    }
-    return OutboundEmail(**(defaults | fields))
-
-
-async def send(acc: EspAccount, emails: list[OutboundEmail]) -> list[SendOutcome]:
-    """One adapter's life: start, send `emails`, close."""
-    adapter = MailjetAdapter(acc)
-    await adapter.start()
-    try:
-        return await adapter.send(emails)
-    finally:
-        await adapter.close()
+adapter = kit.adapter_fixture("mailjet")
+mailjet_server = kit.server_fixture("mailjet")
 
 
 def messages(sim: SimulatorHandle, status: int | None = None) -> list[dict[str, Any]]:
@@ -65,9 +28,11 @@ def messages(sim: SimulatorHandle, status: int | None = None) -> list[dict[str, 
     return [m for r in sim.requests("mailjet", status) for m in r["body"]["Messages"]]
 
 
-async def test_every_field_is_mapped(esp_simulator: SimulatorHandle) -> None:
+async def test_every_field_is_mapped(
+    esp_simulator: SimulatorHandle, adapter: MailjetAdapter
+) -> None:
     """Addresses, bodies, headers, ids, tags and both kinds of attachment reach Mailjet."""
-    message = email(
+    msg = message(
         7,
         cc=[Mailbox("cc@example.com", "C C")],
         bcc=[Mailbox("bcc@example.com")],
@@ -80,7 +45,7 @@ async def test_every_field_is_mapped(esp_simulator: SimulatorHandle) -> None:
             Attachment("logo.png", "image/png", b"\x89PNG", content_id="logo"),
         ],
     )
-    (outcome,) = await send(account(esp_simulator), [message])
+    (outcome,) = await adapter.send([msg])
     (record,) = esp_simulator.requests("mailjet", 200)
     assert outcome == SendOutcome.sent(record["message_id"])
     (body,) = record["body"]["Messages"]
@@ -120,14 +85,16 @@ async def test_every_field_is_mapped(esp_simulator: SimulatorHandle) -> None:
 
 async def test_configured_campaign_wins_over_tags(esp_simulator: SimulatorHandle) -> None:
     """The custom_campaign option names the campaign of every message."""
-    acc = account(esp_simulator, options={"custom_campaign": "transactional"})
-    await send(acc, [email(1, tags=["orders"]), email(2)])
+    acc = kit.account("mailjet", esp_simulator.url, options={"custom_campaign": "transactional"})
+    await kit.send_once(acc, [message(1, tags=["orders"]), message(2)])
     assert [m["CustomCampaign"] for m in messages(esp_simulator)] == ["transactional"] * 2
 
 
-async def test_distinct_messages_are_packed_50_per_call(esp_simulator: SimulatorHandle) -> None:
+async def test_distinct_messages_are_packed_50_per_call(
+    esp_simulator: SimulatorHandle, adapter: MailjetAdapter
+) -> None:
     """120 messages go out in calls of 50, 50 and 20, each with its own content and ids."""
-    outcomes = await send(account(esp_simulator), [email(i) for i in range(120)])
+    outcomes = await adapter.send([message(i) for i in range(120)])
     records = esp_simulator.requests("mailjet", 200)
     assert [len(r["body"]["Messages"]) for r in records] == [50, 50, 20]
     sent = messages(esp_simulator)
@@ -138,11 +105,13 @@ async def test_distinct_messages_are_packed_50_per_call(esp_simulator: Simulator
     assert len(set(ids)) == 120
 
 
-async def test_refused_recipient_fails_only_its_message(esp_simulator: SimulatorHandle) -> None:
+async def test_refused_recipient_fails_only_its_message(
+    esp_simulator: SimulatorHandle, adapter: MailjetAdapter
+) -> None:
     """A 400 with mixed results sends the good messages and rejects the refused one."""
     esp_simulator.add_rule(match_recipient="bad@example.com", provider="mailjet", action="400")
-    batch = [email(0), email(1, to="bad@example.com"), email(2)]
-    first, refused, last = await send(account(esp_simulator), batch)
+    batch = [message(0), message(1, to=Mailbox("bad@example.com")), message(2)]
+    first, refused, last = await adapter.send(batch)
     assert (first.kind, last.kind) == (OutcomeKind.SENT, OutcomeKind.SENT)
     assert first.esp_message_id and last.esp_message_id
     assert refused.kind is OutcomeKind.REJECTED
@@ -150,10 +119,12 @@ async def test_refused_recipient_fails_only_its_message(esp_simulator: Simulator
     assert [r["status"] for r in esp_simulator.requests("mailjet")] == [400]
 
 
-async def test_invalid_message_is_refused_alone(esp_simulator: SimulatorHandle) -> None:
+async def test_invalid_message_is_refused_alone(
+    esp_simulator: SimulatorHandle, adapter: MailjetAdapter
+) -> None:
     """A header Mailjet forbids fails its own message with send-0011; the other is sent."""
-    batch = [email(0, headers={"X-Mailer": "ours"}), email(1)]
-    refused, sent = await send(account(esp_simulator), batch)
+    batch = [message(0, headers={"X-Mailer": "ours"}), message(1)]
+    refused, sent = await adapter.send(batch)
     assert refused.kind is OutcomeKind.REJECTED
     assert 'send-0011 Headers["X-Mailer"]:' in refused.reason
     assert sent.kind is OutcomeKind.SENT and sent.esp_message_id
@@ -161,7 +132,9 @@ async def test_invalid_message_is_refused_alone(esp_simulator: SimulatorHandle) 
 
 async def test_bad_secret_is_permanent(esp_simulator: SimulatorHandle) -> None:
     """A wrong secret key gets 401 mj-0015, a permanent rejection for the whole call."""
-    outcomes = await send(account(esp_simulator, api_key="wrong"), [email(0), email(1)])
+    outcomes = await kit.send_once(
+        kit.account("mailjet", esp_simulator.url, api_key="wrong"), [message(0), message(1)]
+    )
     assert {o.kind for o in outcomes} == {OutcomeKind.REJECTED}
     assert outcomes[0].reason.startswith("Mailjet 401: mj-0015 API key authentication")
 
@@ -169,51 +142,27 @@ async def test_bad_secret_is_permanent(esp_simulator: SimulatorHandle) -> None:
 def test_public_key_is_required(esp_simulator: SimulatorHandle) -> None:
     """Without options.api_key_public the adapter cannot be built."""
     with pytest.raises(AdapterError, match="api_key_public"):
-        MailjetAdapter(account(esp_simulator, options={"api_key_public": ""}))
+        MailjetAdapter(kit.account("mailjet", esp_simulator.url, options={"api_key_public": ""}))
 
 
-async def test_rate_limit_is_retried_without_a_wait_signal(esp_simulator: SimulatorHandle) -> None:
+async def test_rate_limit_is_retried_without_a_wait_signal(
+    esp_simulator: SimulatorHandle, adapter: MailjetAdapter
+) -> None:
     """Mailjet's 429 is retryable and rate-limited; it documents no header saying how long."""
     esp_simulator.add_rule(provider="mailjet", action="429", times=1)
-    outcomes = await send(account(esp_simulator), [email(0), email(1)])
+    outcomes = await adapter.send([message(0), message(1)])
     assert {(o.kind, o.rate_limited, o.retry_after) for o in outcomes} == {
         (OutcomeKind.RETRY, True, None)
     }
 
 
-@pytest.mark.parametrize("action", ["500", "503"])
-async def test_server_errors_are_retried(esp_simulator: SimulatorHandle, action: str) -> None:
-    """A 5xx makes every message of the call retryable, not throttled."""
-    esp_simulator.add_rule(provider="mailjet", action=action, times=1)
-    (outcome,) = await send(account(esp_simulator), [email(0)])
-    assert (outcome.kind, outcome.rate_limited) == (OutcomeKind.RETRY, False)
-    assert outcome.reason.startswith(f"Mailjet {action}:")
-
-
-async def test_timeout_is_retried(esp_simulator: SimulatorHandle) -> None:
-    """An answer slower than the account's timeout is a retry."""
-    esp_simulator.add_rule(provider="mailjet", action="latency", latency_ms=1500, times=1)
-    (outcome,) = await send(account(esp_simulator, timeout=0.3), [email(0)])
-    assert outcome.kind is OutcomeKind.RETRY
-    assert "TimeoutError" in outcome.reason
-    _await_records(esp_simulator, 1)  # the late answer must not spill into the next test
-
-
-async def test_dropped_connection_is_retried(esp_simulator: SimulatorHandle) -> None:
-    """A connection closed without an answer is a retry."""
-    esp_simulator.add_rule(provider="mailjet", action="drop", times=1)
-    (outcome,) = await send(account(esp_simulator), [email(0)])
-    assert outcome.kind is OutcomeKind.RETRY
-    assert "Disconnected" in outcome.reason
-
-
 async def test_oversized_messages_are_refused_before_sending(
-    esp_simulator: SimulatorHandle,
+    esp_simulator: SimulatorHandle, adapter: MailjetAdapter
 ) -> None:
     """Over 15 MB of attachments or 50 recipients is rejected without a call."""
-    big = email(0, attachments=[Attachment("big.bin", "application/pdf", b"x" * 12_000_000)])
-    crowded = email(1, cc=[Mailbox(f"cc{i}@example.com") for i in range(50)])
-    too_big, too_many, fine = await send(account(esp_simulator), [big, crowded, email(2)])
+    big = message(0, attachments=[Attachment("big.bin", "application/pdf", b"x" * 12_000_000)])
+    crowded = message(1, cc=[Mailbox(f"cc{i}@example.com") for i in range(50)])
+    too_big, too_many, fine = await adapter.send([big, crowded, message(2)])
     assert too_big.kind is OutcomeKind.REJECTED and "15728640" in too_big.reason
     assert too_many.kind is OutcomeKind.REJECTED and "51 recipients" in too_many.reason
     assert fine.kind is OutcomeKind.SENT
@@ -268,48 +217,13 @@ async def test_simulator_answers_as_mailjet_documents(
         assert answer["Messages"][0]["To"][0]["MessageUUID"] == ""
 
 
-def _await_records(sim: SimulatorHandle, count: int) -> None:
-    """Wait (bounded) until the simulator has recorded `count` requests."""
-    deadline = time.monotonic() + 10
-    while len(sim.requests()) < count and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
-@pytest.fixture
-def mailjet_server(tmp_path: Path, esp_simulator: SimulatorHandle) -> Iterator[ServerHandle]:
-    """The real service delivering through a Mailjet account at the simulator."""
-    extra = f"""
-[[esp]]
-name = "mj"
-kind = "mailjet"
-base_url = "{esp_simulator.url}"
-api_key_env = "{SIM_KEY_ENV}"
-api_key_public = "{PUBLIC_KEY}"
-sender = "orders@shop.example.com"
-sender_name = "Shop"
-timeout = 5
-"""
-    data_dir = tmp_path / "data"
-    config = write_config(tmp_path / "swu.toml", data_dir, esp_simulator.url, extra, "mj")
-    handle = ServerHandle(config, data_dir, esp_simulator)
-    handle.start()
-    yield handle
-    handle.stop()
-
-
 def test_messages_end_sent_with_mailjet_ids(mailjet_server: ServerHandle) -> None:
     """Through the gRPC server, 60 messages end SENT, each with the id Mailjet gave it."""
-    mailjet_server.put_template("order", {"en": ORDER})
     emails = [mk(to=f"user{i}@example.com", payload=data(i)) for i in range(60)]
-    request = delivery_pb2.SendBatchRequest(emails=emails)
-    ids = [r.message_id for r in mailjet_server.delivery.SendBatch(request).results]
-    done = mailjet_server.wait_for_state(ids)
-    assert {STATE_NAMES[m.state] for m in done.values()} == {"SENT"}
+    done = kit.deliver(mailjet_server, emails)
     issued = {}
     for record in mailjet_server.sim.requests("mailjet", 200):
         uuids = record["message_id"].split(",")
-        for message, uuid in zip(record["body"]["Messages"], uuids, strict=True):
-            issued[message["CustomID"]] = uuid
-    assert {mid: (m.esp, m.esp_message_id) for mid, m in done.items()} == {
-        mid: ("mj", issued[mid]) for mid in ids
-    }
+        for sent, uuid in zip(record["body"]["Messages"], uuids, strict=True):
+            issued[sent["CustomID"]] = uuid
+    assert kit.final_states(done) == {mid: ("SENT", "mj", their) for mid, their in issued.items()}

@@ -2,57 +2,21 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from adapters.base import AdapterError, Attachment, Mailbox, OutboundEmail, OutcomeKind
+from adapters.base import AdapterError, Attachment, Mailbox, OutcomeKind
 from adapters.postmark import PostmarkAdapter
-from swu_delivery._proto.swu.delivery.v1 import delivery_pb2
-from swu_delivery.config import EspAccount
-from tests.conftest import SIM_KEY_ENV, STATE_NAMES, ServerHandle, write_config
+from tests import adapter_kit as kit
+from tests.adapter_kit import message
+from tests.conftest import ServerHandle
 from tests.fixtures_sim import SimulatorHandle
-from tests.helpers import ORDER, mk
+from tests.helpers import mk
 
-SENDER = Mailbox("orders@shop.example.com", "Shop")
-
-
-def account(sim: SimulatorHandle, **changes: Any) -> EspAccount:
-    fields: dict[str, Any] = {
-        "name": "pm",
-        "kind": "postmark",
-        "base_url": sim.url,
-        "api_key": "sim-key",
-        "sender": SENDER.email,
-        "timeout": 5.0,
-        "options": {"message_stream": "outbound"},
-    }
-    return EspAccount(**(fields | changes))
-
-
-def message(i: int = 0, **fields: Any) -> OutboundEmail:
-    base: dict[str, Any] = {
-        "message_id": f"m-{i}",
-        "sender": SENDER,
-        "to": Mailbox(f"user{i}@example.com"),
-        "subject": f"Order {i}",
-        "html": f"<p>Order {i}</p>",
-        "text": f"Order {i}",
-    }
-    return OutboundEmail(**(base | fields))
-
-
-@pytest.fixture
-async def adapter(esp_simulator: SimulatorHandle) -> AsyncIterator[PostmarkAdapter]:
-    """A started adapter for a Postmark account at the simulator."""
-    pm = PostmarkAdapter(account(esp_simulator))
-    await pm.start()
-    yield pm
-    await pm.close()
+adapter = kit.adapter_fixture("postmark")
+postmark_server = kit.server_fixture("postmark")
 
 
 def records(sim: SimulatorHandle, status: int | None = None) -> list[dict[str, Any]]:
@@ -63,20 +27,7 @@ async def test_every_field_is_mapped(
     esp_simulator: SimulatorHandle, adapter: PostmarkAdapter
 ) -> None:
     """Addresses, bodies, headers, tags, metadata, stream and attachments reach Postmark."""
-    email = message(
-        sender=Mailbox("team@shop.example.com", "Shop, Inc."),
-        to=Mailbox("jane@example.com", "Jane Doe"),
-        cc=[Mailbox("cc@example.com", 'Ann "A" Lee'), Mailbox("cc2@example.com")],
-        bcc=[Mailbox("bcc@example.com")],
-        reply_to=Mailbox("reply@example.com", "Help Desk"),
-        headers={"X-Campaign": "spring", "List-Unsubscribe": "<https://x.example/u>"},
-        tags=["orders", "shipped"],
-        metadata={"order": "42"},
-        attachments=[
-            Attachment("a.txt", "text/plain", b"hi"),
-            Attachment("logo.png", "image/png", b"\x89PNG", content_id="logo"),
-        ],
-    )
+    email = kit.every_field()
     (outcome,) = await adapter.send([email])
     assert outcome.kind is OutcomeKind.SENT
     (record,) = records(esp_simulator, 200)
@@ -89,7 +40,7 @@ async def test_every_field_is_mapped(
         "Cc": '"Ann \\"A\\" Lee" <cc@example.com>, cc2@example.com',
         "Bcc": "bcc@example.com",
         "ReplyTo": "Help Desk <reply@example.com>",
-        "Subject": "Order 0",
+        "Subject": "Order 0 shipped",
         "HtmlBody": "<p>Order 0</p>",
         "TextBody": "Order 0",
         "MessageStream": "outbound",
@@ -116,16 +67,13 @@ async def test_every_field_is_mapped(
 
 async def test_message_stream_comes_from_options(esp_simulator: SimulatorHandle) -> None:
     """options.message_stream picks the stream; a non-string one is a config error."""
-    pm = PostmarkAdapter(account(esp_simulator, options={"message_stream": "broadcast"}))
-    await pm.start()
-    try:
+    acc = kit.account("postmark", esp_simulator.url, options={"message_stream": "broadcast"})
+    async with kit.running(acc) as pm:
         (outcome,) = await pm.send([message()])
-    finally:
-        await pm.close()
     assert outcome.kind is OutcomeKind.SENT
     assert records(esp_simulator)[0]["body"][0]["MessageStream"] == "broadcast"
     with pytest.raises(AdapterError, match="message_stream"):
-        PostmarkAdapter(account(esp_simulator, options={"message_stream": 3}))
+        PostmarkAdapter(kit.account("postmark", esp_simulator.url, options={"message_stream": 3}))
 
 
 async def test_1200_messages_go_in_three_batches(
@@ -171,12 +119,8 @@ async def test_invalid_message_fails_alone(
 
 async def test_bad_token_is_permanent(esp_simulator: SimulatorHandle) -> None:
     """A wrong server token is a 401 that rejects every message of the call."""
-    pm = PostmarkAdapter(account(esp_simulator, api_key="wrong"))
-    await pm.start()
-    try:
+    async with kit.running(kit.account("postmark", esp_simulator.url, api_key="wrong")) as pm:
         outcomes = await pm.send([message(0), message(1)])
-    finally:
-        await pm.close()
     assert {o.kind for o in outcomes} == {OutcomeKind.REJECTED}
     assert outcomes[0].reason.startswith("Postmark 401: ErrorCode 10: The Server Token")
     assert [r["status"] for r in records(esp_simulator)] == [401]
@@ -195,41 +139,6 @@ async def test_rate_limit_is_retried_without_a_wait_hint(
         "Rate limit exceeded. Please slow down the rate of your requests and try again."
     )
     assert (await adapter.send([message(0)]))[0].kind is OutcomeKind.SENT
-
-
-@pytest.mark.parametrize("status", ["500", "503"])
-async def test_server_errors_are_retried(
-    esp_simulator: SimulatorHandle, adapter: PostmarkAdapter, status: str
-) -> None:
-    """500 and 503 answers are retryable and not counted as throttling."""
-    esp_simulator.add_rule(action=status, provider="postmark", times=1)
-    (outcome,) = await adapter.send([message()])
-    assert (outcome.kind, outcome.rate_limited) == (OutcomeKind.RETRY, False)
-    assert outcome.reason.startswith(f"Postmark {status}: ErrorCode")
-
-
-async def test_timeout_is_retried(esp_simulator: SimulatorHandle) -> None:
-    """An answer slower than the account timeout is a retry, not a failure."""
-    esp_simulator.add_rule(action="latency", latency_ms=3000, provider="postmark", times=1)
-    pm = PostmarkAdapter(account(esp_simulator, timeout=0.5))
-    await pm.start()
-    try:
-        (outcome,) = await pm.send([message()])
-    finally:
-        await pm.close()
-    assert outcome.kind is OutcomeKind.RETRY
-    assert "Timeout" in outcome.reason
-    wait_for_records(esp_simulator, 1)  # the slow answer lands here, not in a later test
-
-
-async def test_dropped_connection_is_retried(
-    esp_simulator: SimulatorHandle, adapter: PostmarkAdapter
-) -> None:
-    """A connection closed without an answer is a retry."""
-    esp_simulator.add_rule(action="drop", provider="postmark", times=1)
-    (outcome,) = await adapter.send([message()])
-    assert outcome.kind is OutcomeKind.RETRY
-    assert [r["status"] for r in records(esp_simulator)] == [0]
 
 
 async def test_oversized_messages_are_refused_before_sending(
@@ -275,50 +184,11 @@ async def test_simulator_refuses_whole_requests(esp_simulator: SimulatorHandle) 
     assert status == 200 and answer[0]["ErrorCode"] == 0 and answer[0]["To"] == "b@example.com"
 
 
-def wait_for_records(sim: SimulatorHandle, count: int, timeout: float = 10.0) -> None:
-    """Block until the simulator has recorded `count` Postmark requests."""
-    deadline = time.monotonic() + timeout
-    while len(records(sim)) < count and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
-@pytest.fixture
-def postmark_server(tmp_path: Path, esp_simulator: SimulatorHandle) -> Iterator[ServerHandle]:
-    """The real service whose default ESP account is Postmark at the simulator."""
-    extra = f"""
-[[esp]]
-name = "pm"
-kind = "postmark"
-base_url = "{esp_simulator.url}"
-api_key_env = "{SIM_KEY_ENV}"
-sender = "orders@shop.example.com"
-sender_name = "Shop"
-timeout = 5
-message_stream = "outbound"
-"""
-    data_dir = tmp_path / "data"
-    config = write_config(
-        tmp_path / "swu.toml", data_dir, esp_simulator.url, extra=extra, default_esp="pm"
-    )
-    handle = ServerHandle(config, data_dir, esp_simulator)
-    handle.start()
-    handle.put_template("order", {"en": ORDER})
-    yield handle
-    handle.stop()
-
-
 def test_end_to_end_through_postmark(postmark_server: ServerHandle) -> None:
     """Messages sent through the gRPC API end SENT with Postmark's MessageIDs."""
-    emails = [mk(to=f"user{i}@example.com") for i in range(5)]
-    results = postmark_server.delivery.SendBatch(delivery_pb2.SendBatchRequest(emails=emails))
-    ids = [r.message_id for r in results.results]
-    done = postmark_server.wait_for_state(ids)
-    assert {STATE_NAMES[m.state] for m in done.values()} == {"SENT"}
+    done = kit.deliver(postmark_server, [mk(to=f"user{i}@example.com") for i in range(5)])
     theirs = {}
     for record in postmark_server.sim.requests(provider="postmark", status=200):
         for item, their_id in zip(record["body"], record["message_id"].split(","), strict=True):
             theirs[item["Metadata"]["swu_message_id"]] = their_id
-    assert set(theirs) == set(ids)
-    for mid in ids:
-        assert done[mid].esp == "pm"
-        assert done[mid].esp_message_id == theirs[mid]
+    assert kit.final_states(done) == {mid: ("SENT", "pm", their) for mid, their in theirs.items()}

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -14,12 +11,11 @@ import pytest
 from adapters.base import Attachment, Mailbox, OutboundEmail, OutcomeKind
 from adapters.resend import ResendAdapter
 from swu_delivery._proto.swu.delivery.v1 import common_pb2, delivery_pb2
-from swu_delivery.config import EspAccount
-from tests.conftest import SIM_KEY_ENV, STATE_NAMES, ServerHandle, write_config
+from tests import adapter_kit as kit
+from tests.conftest import ServerHandle
 from tests.fixtures_sim import SimulatorHandle
-from tests.helpers import ORDER, mk
+from tests.helpers import mk
 
-SENDER = Mailbox("orders@shop.example.com", "Shop")
 RUN = {"prefix": ""}
 
 
@@ -34,41 +30,16 @@ def mid(i: int) -> str:
     return f"{RUN['prefix']}-{i}"
 
 
-def account(sim: SimulatorHandle, **changes: Any) -> EspAccount:
-    fields: dict[str, Any] = {
-        "name": "rs",
-        "kind": "resend",
-        "base_url": sim.url,
-        "api_key": "sim-key",
-        "sender": SENDER.email,
-        "timeout": 5.0,
-    }
-    return EspAccount(**(fields | changes))
-
-
 def message(i: int = 0, **fields: Any) -> OutboundEmail:
-    base: dict[str, Any] = {
-        "message_id": mid(i),
-        "sender": SENDER,
-        "to": Mailbox(f"user{i}@example.com"),
-        "subject": f"Order {i}",
-        "html": f"<p>Order {i}</p>",
-        "text": f"Order {i}",
-    }
-    return OutboundEmail(**(base | fields))
+    return kit.message(i, message_id=mid(i), **fields)
 
 
 def with_file(i: int) -> OutboundEmail:
     return message(i, attachments=[Attachment("a.txt", "text/plain", b"hi")])
 
 
-@pytest.fixture
-async def adapter(esp_simulator: SimulatorHandle) -> AsyncIterator[ResendAdapter]:
-    """A started adapter for a Resend account at the simulator."""
-    rs = ResendAdapter(account(esp_simulator))
-    await rs.start()
-    yield rs
-    await rs.close()
+adapter = kit.adapter_fixture("resend")
+resend_server = kit.server_fixture("resend")
 
 
 def records(sim: SimulatorHandle, status: int | None = None) -> list[dict[str, Any]]:
@@ -83,19 +54,8 @@ async def test_every_field_is_mapped(
     esp_simulator: SimulatorHandle, adapter: ResendAdapter
 ) -> None:
     """Addresses, bodies, headers, tags, metadata and attachments reach POST /emails."""
-    email = message(
-        sender=Mailbox("team@shop.example.com", "Shop, Inc."),
-        to=Mailbox("jane@example.com", "Jane Doe"),
-        cc=[Mailbox("cc@example.com", 'Ann "A" Lee'), Mailbox("cc2@example.com")],
-        bcc=[Mailbox("bcc@example.com")],
-        reply_to=Mailbox("reply@example.com", "Help Desk"),
-        headers={"X-Campaign": "spring", "List-Unsubscribe": "<https://x.example/u>"},
-        tags=["orders", "shipped now"],
-        metadata={"order id": "42/A"},
-        attachments=[
-            Attachment("a.txt", "text/plain", b"hi"),
-            Attachment("logo.png", "image/png", b"\x89PNG", content_id="logo"),
-        ],
+    email = kit.every_field(
+        message_id=mid(0), tags=["orders", "shipped now"], metadata={"order id": "42/A"}
     )
     (outcome,) = await adapter.send([email])
     assert outcome.kind is OutcomeKind.SENT
@@ -108,7 +68,7 @@ async def test_every_field_is_mapped(
         "cc": ["Ann A Lee <cc@example.com>", "cc2@example.com"],
         "bcc": ["bcc@example.com"],
         "reply_to": ["Help Desk <reply@example.com>"],
-        "subject": "Order 0",
+        "subject": "Order 0 shipped",
         "html": "<p>Order 0</p>",
         "text": "Order 0",
         "headers": {"X-Campaign": "spring", "List-Unsubscribe": "<https://x.example/u>"},
@@ -215,12 +175,8 @@ async def test_changed_payload_under_a_used_key_is_permanent(
 
 async def test_bad_key_is_permanent(esp_simulator: SimulatorHandle) -> None:
     """A wrong API key rejects every message of the call."""
-    rs = ResendAdapter(account(esp_simulator, api_key="wrong"))
-    await rs.start()
-    try:
+    async with kit.running(kit.account("resend", esp_simulator.url, api_key="wrong")) as rs:
         outcomes = await rs.send([message(0), message(1)])
-    finally:
-        await rs.close()
     assert {o.kind for o in outcomes} == {OutcomeKind.REJECTED}
     assert outcomes[0].reason == "Resend 401: validation_error: API key is invalid"
 
@@ -237,41 +193,6 @@ async def test_rate_limit_carries_the_wait(
     assert outcomes[0].reason.startswith("Resend 429: rate_limit_exceeded: Too many requests.")
     assert len(records(esp_simulator, 429)) == 1
     assert (await adapter.send([message(0)]))[0].kind is OutcomeKind.SENT
-
-
-@pytest.mark.parametrize("status", ["500", "503"])
-async def test_server_errors_are_retried(
-    esp_simulator: SimulatorHandle, adapter: ResendAdapter, status: str
-) -> None:
-    """500 and 503 answers are retryable and not counted as throttling."""
-    esp_simulator.add_rule(action=status, provider="resend", times=1)
-    (outcome,) = await adapter.send([message()])
-    assert (outcome.kind, outcome.rate_limited) == (OutcomeKind.RETRY, False)
-    assert outcome.reason.startswith(f"Resend {status}: internal_server_error")
-
-
-async def test_timeout_is_retried(esp_simulator: SimulatorHandle) -> None:
-    """An answer slower than the account timeout is a retry, not a failure."""
-    esp_simulator.add_rule(action="latency", latency_ms=3000, provider="resend", times=1)
-    rs = ResendAdapter(account(esp_simulator, timeout=0.5))
-    await rs.start()
-    try:
-        (outcome,) = await rs.send([message()])
-    finally:
-        await rs.close()
-    assert outcome.kind is OutcomeKind.RETRY
-    assert "Timeout" in outcome.reason
-    wait_for_records(esp_simulator, 1)  # the slow answer lands here, not in a later test
-
-
-async def test_dropped_connection_is_retried(
-    esp_simulator: SimulatorHandle, adapter: ResendAdapter
-) -> None:
-    """A connection closed without an answer is a retry."""
-    esp_simulator.add_rule(action="drop", provider="resend", times=1)
-    (outcome,) = await adapter.send([message()])
-    assert outcome.kind is OutcomeKind.RETRY
-    assert [r["status"] for r in records(esp_simulator)] == [0]
 
 
 async def test_oversized_messages_are_refused_before_sending(
@@ -303,54 +224,17 @@ async def test_simulator_strict_batch_fails_whole(esp_simulator: SimulatorHandle
     assert records(esp_simulator, 422)[0]["message_id"] is None
 
 
-def wait_for_records(sim: SimulatorHandle, count: int, timeout: float = 10.0) -> None:
-    """Block until the simulator has recorded `count` Resend requests."""
-    deadline = time.monotonic() + timeout
-    while len(records(sim)) < count and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
-@pytest.fixture
-def resend_server(tmp_path: Path, esp_simulator: SimulatorHandle) -> Iterator[ServerHandle]:
-    """The real service whose default ESP account is Resend at the simulator."""
-    extra = f"""
-[[esp]]
-name = "rs"
-kind = "resend"
-base_url = "{esp_simulator.url}"
-api_key_env = "{SIM_KEY_ENV}"
-sender = "orders@shop.example.com"
-sender_name = "Shop"
-timeout = 5
-"""
-    data_dir = tmp_path / "data"
-    config = write_config(
-        tmp_path / "swu.toml", data_dir, esp_simulator.url, extra=extra, default_esp="rs"
-    )
-    handle = ServerHandle(config, data_dir, esp_simulator)
-    handle.start()
-    handle.put_template("order", {"en": ORDER})
-    yield handle
-    handle.stop()
-
-
 def test_end_to_end_through_resend(resend_server: ServerHandle) -> None:
     """Messages sent through the gRPC API, one with a file, end SENT with Resend's ids."""
     attachment = delivery_pb2.Attachment(filename="a.txt", content_type="text/plain", content=b"hi")
     emails = [mk(to=f"user{i}@example.com") for i in range(4)]
     emails.append(mk(to="file@example.com", attachments=[attachment]))
     emails.append(mk(to="cc@example.com", cc=[common_pb2.Address(email="copy@example.com")]))
-    results = resend_server.delivery.SendBatch(delivery_pb2.SendBatchRequest(emails=emails))
-    ids = [r.message_id for r in results.results]
-    done = resend_server.wait_for_state(ids)
-    assert {STATE_NAMES[m.state] for m in done.values()} == {"SENT"}
+    done = kit.deliver(resend_server, emails)
     theirs = {}
     for record in resend_server.sim.requests(provider="resend", status=200):
         body = record["body"] if isinstance(record["body"], list) else [record["body"]]
         for email, their_id in zip(body, record["message_id"].split(","), strict=True):
             theirs[email["tags"][-1]["value"]] = their_id
             assert ("attachments" in email) == (email["to"] == ["file@example.com"])
-    assert set(theirs) == set(ids)
-    for mid in ids:
-        assert done[mid].esp == "rs"
-        assert done[mid].esp_message_id == theirs[mid]
+    assert kit.final_states(done) == {mid: ("SENT", "rs", their) for mid, their in theirs.items()}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import email
 import email.policy
-import socket
 import subprocess
 import sys
 import time
@@ -26,8 +25,9 @@ from adapters.base import AdapterError, Attachment, Mailbox, OutboundEmail, Outc
 from adapters.ses import SesAdapter, classify_error, email_tags
 from swu_delivery._proto.swu.delivery.v1 import common_pb2, delivery_pb2
 from swu_delivery.config import EspAccount
-from tests.conftest import STATE_NAMES, ServerHandle, write_config
-from tests.helpers import ORDER, mk
+from tests import adapter_kit as kit
+from tests.conftest import STATE_NAMES
+from tests.helpers import mk
 
 REGION = "us-east-1"
 VERIFIED_DOMAIN = "shop.example.com"
@@ -36,13 +36,6 @@ SECRET_ENV = "SWU_TEST_SES_SECRET"
 START_TIMEOUT = 30.0
 # moto_server is on loopback; never route through a proxy from the environment.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on (bound, read, released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -78,7 +71,7 @@ class Moto:
 @pytest.fixture(scope="module")
 def moto_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moto]:
     """`python -m moto.server` on a free loopback port, for this module's tests."""
-    port = free_port()
+    port = kit.free_port()
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
@@ -121,20 +114,10 @@ def account(base_url: str, **options: Any) -> EspAccount:
     )
 
 
-@contextlib.asynccontextmanager
-async def started(acc: EspAccount) -> AsyncIterator[SesAdapter]:
-    adapter = SesAdapter(acc)
-    await adapter.start()
-    try:
-        yield adapter
-    finally:
-        await adapter.close()
-
-
 @pytest.fixture
 async def adapter(moto: Moto) -> AsyncIterator[SesAdapter]:
     """An SES adapter with explicit (fake) credentials, pointed at moto."""
-    async with started(account(moto.url)) as ses:
+    async with kit.running(account(moto.url)) as ses:
         yield ses
 
 
@@ -251,7 +234,7 @@ async def test_prechecks_refuse_without_calling_ses(adapter: SesAdapter, moto: M
 
 async def test_connection_refused_is_retryable() -> None:
     """Nothing listening at the endpoint is a retryable outcome, not an exception."""
-    async with started(account(f"http://127.0.0.1:{free_port()}")) as adapter:
+    async with kit.running(account(f"http://127.0.0.1:{kit.free_port()}")) as adapter:
         (outcome,) = await adapter.send([message()])
     assert outcome.kind is OutcomeKind.RETRY and not outcome.rate_limited
     assert "EndpointConnectionError" in outcome.reason
@@ -262,7 +245,7 @@ async def test_default_credential_chain(moto: Moto, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "chain-key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "chain-secret")
     acc = EspAccount(name="ses", kind="ses", base_url=moto.url, options={"region": REGION})
-    async with started(acc) as adapter:
+    async with kit.running(acc) as adapter:
         (outcome,) = await adapter.send([message()])
     assert outcome.kind is OutcomeKind.SENT
 
@@ -328,31 +311,21 @@ def test_end_to_end_through_the_server(
 ) -> None:
     """A Send through the real gRPC server ends SENT with SES's MessageId."""
     monkeypatch.setenv(SECRET_ENV, "testing")
-    extra = f"""
-[[esp]]
-name = "ses"
-kind = "ses"
-base_url = "{moto.url}"
-api_key_env = "{SECRET_ENV}"
-sender = "orders@{VERIFIED_DOMAIN}"
-sender_name = "Shop"
-timeout = 5
-region = "{REGION}"
-access_key_id = "testing"
-"""
-    data_dir = tmp_path / "data"
-    config = write_config(
-        tmp_path / "swu.toml", data_dir, "http://127.0.0.1:9", extra=extra, default_esp="ses"
-    )
-    server = ServerHandle(config, data_dir, sim=None)
-    server.start()
-    try:
-        server.put_template("order", {"en": ORDER})
+    esp = {
+        "name": "ses",
+        "kind": "ses",
+        "base_url": moto.url,
+        "api_key_env": SECRET_ENV,
+        "sender": f"orders@{VERIFIED_DOMAIN}",
+        "sender_name": "Shop",
+        "timeout": 5,
+        "region": REGION,
+        "access_key_id": "testing",
+    }
+    with kit.serving(tmp_path, esp) as server:
         email_ = mk(to="jane@example.com", cc=[common_pb2.Address(email="cc@example.com")])
         mid = server.delivery.Send(delivery_pb2.SendRequest(email=email_)).message_id
         done = server.wait_for_state([mid])[mid]
-    finally:
-        server.stop()
     (record,) = moto.sent("Message")
     assert STATE_NAMES[done.state] == "SENT"
     assert (done.esp, done.esp_message_id) == ("ses", record["id"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import email
 import email.policy
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -22,8 +21,9 @@ from adapters.base import AdapterError, Attachment, Mailbox, OutboundEmail, Outc
 from adapters.smtp import SmtpAdapter
 from swu_delivery._proto.swu.delivery.v1 import common_pb2, delivery_pb2
 from swu_delivery.config import EspAccount
-from tests.conftest import STATE_NAMES, ServerHandle, write_config
-from tests.helpers import ORDER, mk
+from tests import adapter_kit as kit
+from tests.conftest import STATE_NAMES
+from tests.helpers import mk
 from tests.smtp_sink import LISTENING
 
 SINK = Path(__file__).with_name("smtp_sink.py")
@@ -88,33 +88,16 @@ def account(port: int, /, **options: Any) -> EspAccount:
     return EspAccount(name="mail", kind="smtp", api_key=password, timeout=5, options=options)
 
 
-@contextlib.asynccontextmanager
-async def started(acc: EspAccount) -> AsyncIterator[SmtpAdapter]:
-    adapter = SmtpAdapter(acc)
-    await adapter.start()
-    try:
-        yield adapter
-    finally:
-        await adapter.close()
-
-
 @pytest.fixture
 async def adapter(sink: Sink) -> AsyncIterator[SmtpAdapter]:
     """An SMTP adapter on the sink, plain TCP, no AUTH."""
-    async with started(account(sink.port)) as smtp:
+    async with kit.running(account(sink.port)) as smtp:
         yield smtp
 
 
 def message(mid: str = "m1", to: str = "jane@example.com", **fields: Any) -> OutboundEmail:
     fields = {"sender": SENDER, "subject": "Your order", "text": "Hello", **fields}
     return OutboundEmail(message_id=mid, to=Mailbox(to), **fields)
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_every_field_reaches_the_wire(adapter: SmtpAdapter, sink: Sink) -> None:
@@ -201,7 +184,7 @@ async def test_refused_sender_fails_the_transaction(adapter: SmtpAdapter, sink: 
 
 async def test_connections_are_pooled_and_reused(sink: Sink) -> None:
     """Nine messages over a pool of two use at most two connections."""
-    async with started(account(sink.port, pool_size=2)) as adapter:
+    async with kit.running(account(sink.port, pool_size=2)) as adapter:
         first = await adapter.send([message(f"m{i}") for i in range(6)])
         rest = [(await adapter.send([message(f"n{i}")]))[0] for i in range(3)]
         assert {o.kind for o in first + rest} == {OutcomeKind.SENT}
@@ -214,7 +197,7 @@ async def test_connections_are_pooled_and_reused(sink: Sink) -> None:
 async def test_dropped_connection_is_replaced(tmp_path: Path) -> None:
     """A pooled connection the server closed is replaced, and the message still goes out."""
     with run_sink(tmp_path, "--drop-after-data") as sink:
-        async with started(account(sink.port, pool_size=1)) as adapter:
+        async with kit.running(account(sink.port, pool_size=1)) as adapter:
             outcomes = [(await adapter.send([message(f"m{i}")]))[0] for i in range(3)]
         assert [o.kind for o in outcomes] == [OutcomeKind.SENT] * 3
         assert len(sink.events("connect")) == 3
@@ -222,7 +205,7 @@ async def test_dropped_connection_is_replaced(tmp_path: Path) -> None:
 
 async def test_server_down_is_retryable() -> None:
     """Connection refused is a retryable outcome, not an exception."""
-    async with started(account(free_port())) as adapter:
+    async with kit.running(account(kit.free_port())) as adapter:
         (outcome,) = await adapter.send([message()])
     assert outcome.kind is OutcomeKind.RETRY and "SMTP" in outcome.reason
 
@@ -230,11 +213,11 @@ async def test_server_down_is_retryable() -> None:
 async def test_auth_plain_without_tls(tmp_path: Path) -> None:
     """AUTH works on a plain local connection; a wrong password or no AUTH is permanent."""
     with run_sink(tmp_path, "--auth", "mailer:s3cret") as sink:
-        async with started(account(sink.port, username="mailer", password="s3cret")) as good:
+        async with kit.running(account(sink.port, username="mailer", password="s3cret")) as good:
             (ok,) = await good.send([message()])
-        async with started(account(sink.port, username="mailer", password="nope")) as bad:
+        async with kit.running(account(sink.port, username="mailer", password="nope")) as bad:
             (wrong,) = await bad.send([message()])
-        async with started(account(sink.port)) as anonymous:
+        async with kit.running(account(sink.port)) as anonymous:
             (none,) = await anonymous.send([message()])
         assert ok.kind is OutcomeKind.SENT
         assert wrong.kind is OutcomeKind.REJECTED and wrong.reason.startswith("SMTP 535")
@@ -270,13 +253,21 @@ async def test_header_injection_never_reaches_the_wire(
 
 
 @pytest.mark.parametrize(
-    "options",
-    [{"host": ""}, {"tls": "ssl"}, {"pool_size": 0}, {"port": "25"}, {"validate_certs": "no"}],
+    ("options", "problem"),
+    [
+        ({"host": ""}, "host is required"),
+        ({"tls": "ssl"}, "tls must be one of ['implicit', 'none', 'starttls']"),
+        ({"pool_size": 0}, "pool_size must be at least 1"),
+        ({"port": "25"}, "port must be an integer"),
+        ({"validate_certs": "no"}, "validate_certs must be true or false"),
+        ({"hots": "x"}, "unknown key 'hots' for kind 'smtp'"),
+    ],
 )
-def test_bad_options_are_refused(options: dict[str, Any]) -> None:
-    """Missing or mistyped options fail at start-up, naming the option."""
-    with pytest.raises(AdapterError, match="options"):
+def test_bad_options_are_refused(options: dict[str, Any], problem: str) -> None:
+    """Missing, mistyped or unknown options fail at start-up, naming the option."""
+    with pytest.raises(AdapterError) as err:
         SmtpAdapter(account(25, **options))
+    assert str(err.value).startswith(f"esp mail: {problem}")
 
 
 def test_registered_as_smtp() -> None:
@@ -286,31 +277,21 @@ def test_registered_as_smtp() -> None:
 
 def test_end_to_end_through_the_server(tmp_path: Path, sink: Sink) -> None:
     """A Send through the real gRPC server ends SENT via SMTP with the server's queue id."""
-    extra = f"""
-[[esp]]
-name = "mail"
-kind = "smtp"
-sender = "orders@shop.example.com"
-sender_name = "Shop"
-timeout = 5
-host = "127.0.0.1"
-port = {sink.port}
-tls = "none"
-pool_size = 2
-"""
-    data_dir = tmp_path / "data"
-    config = write_config(
-        tmp_path / "swu.toml", data_dir, "http://127.0.0.1:9", extra=extra, default_esp="mail"
-    )
-    server = ServerHandle(config, data_dir, sim=None)
-    server.start()
-    try:
-        server.put_template("order", {"en": ORDER})
+    esp = {
+        "name": "mail",
+        "kind": "smtp",
+        "sender": "orders@shop.example.com",
+        "sender_name": "Shop",
+        "timeout": 5,
+        "host": "127.0.0.1",
+        "port": sink.port,
+        "tls": "none",
+        "pool_size": 2,
+    }
+    with kit.serving(tmp_path, esp) as server:
         email_ = mk(to="jane@example.com", cc=[common_pb2.Address(email="perm-fail@example.com")])
         mid = server.delivery.Send(delivery_pb2.SendRequest(email=email_)).message_id
         done = server.wait_for_state([mid])[mid]
-    finally:
-        server.stop()
     (record,) = sink.messages()
     assert STATE_NAMES[done.state] == "SENT"
     assert (done.esp, done.esp_message_id) == ("mail", record["queue_id"])

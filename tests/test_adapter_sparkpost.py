@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,55 +12,24 @@ from adapters.base import (
     Attachment,
     HttpResponse,
     Mailbox,
-    OutboundEmail,
     OutcomeKind,
 )
 from adapters.sparkpost import SparkPostAdapter
 from swu_delivery._proto.swu.delivery.v1 import delivery_pb2
 from swu_delivery.config import EspAccount
-from tests.conftest import SIM_KEY_ENV, STATE_NAMES, ServerHandle, write_config
+from tests import adapter_kit as kit
+from tests.adapter_kit import message
+from tests.conftest import STATE_NAMES, ServerHandle
 from tests.fixtures_sim import SimulatorHandle
-from tests.helpers import ORDER, mk
+from tests.helpers import mk
+
+sparkpost = kit.adapter_fixture("sparkpost")
+sparkpost_server = kit.server_fixture("sparkpost", region="us")
 
 
-def account(url: str, **changes: Any) -> EspAccount:
-    fields: dict[str, Any] = {
-        "name": "sp",
-        "kind": "sparkpost",
-        "base_url": url,
-        "api_key": "sim-key",
-        "sender": "orders@shop.example.com",
-    }
-    return EspAccount(**(fields | changes))
-
-
-def message(to: str | Mailbox = "jane@example.com", **fields: Any) -> OutboundEmail:
-    defaults: dict[str, Any] = {
-        "message_id": "m-1",
-        "sender": Mailbox("orders@shop.example.com", "Shop"),
-        "to": to if isinstance(to, Mailbox) else Mailbox(to),
-        "subject": "Your order shipped",
-        "html": "<p>Hi {{ name }}</p>",
-        "text": "Hi",
-    }
-    return OutboundEmail(**(defaults | fields))
-
-
-@contextlib.asynccontextmanager
-async def running(url: str, **changes: Any) -> AsyncIterator[SparkPostAdapter]:
-    adapter = SparkPostAdapter(account(url, **changes))
-    await adapter.start()
-    try:
-        yield adapter
-    finally:
-        await adapter.close()
-
-
-@pytest.fixture
-async def sparkpost(esp_simulator: SimulatorHandle) -> AsyncIterator[SparkPostAdapter]:
-    """A started adapter for the simulator's SparkPost endpoint."""
-    async with running(esp_simulator.url) as adapter:
-        yield adapter
+def account(**changes: Any) -> EspAccount:
+    """A SparkPost account with no endpoint set: the adapter's own default applies."""
+    return kit.account("sparkpost", "", **changes)
 
 
 async def test_every_field_is_mapped(
@@ -71,7 +37,9 @@ async def test_every_field_is_mapped(
 ) -> None:
     """Recipients, content, headers, tags, metadata and files reach the transmission."""
     email = message(
+        1,
         to=Mailbox("jane@example.com", "Jane Roe"),
+        html="<p>Hi {{ name }}</p>",
         sender=Mailbox("team@shop.example.com", "Team"),
         cc=[Mailbox("cc@example.com", 'Doe, "JJ"')],
         bcc=[Mailbox("bcc@example.com")],
@@ -97,7 +65,7 @@ async def test_every_field_is_mapped(
     assert bcc == {"address": {"email": "bcc@example.com", "header_to": visible}, "tags": tags}
     content = body["content"]
     assert content["from"] == {"email": "team@shop.example.com", "name": "Team"}
-    assert (content["subject"], content["text"]) == ("Your order shipped", "Hi")
+    assert (content["subject"], content["text"]) == ("Order 1 shipped", "Order 1")
     assert content["html"] == "<p>Hi {{ name }}</p>"
     assert content["reply_to"] == "Help Desk <reply@example.com>"
     assert content["headers"] == {"X-Campaign": "spring", "CC": '"Doe, \\"JJ\\"" <cc@example.com>'}
@@ -122,25 +90,26 @@ async def test_rejected_copy_still_sends(
 
 async def test_no_valid_recipient_is_permanent(sparkpost: SparkPostAdapter) -> None:
     """A transmission with no valid recipient is refused and rejected without retry."""
-    (outcome,) = await sparkpost.send([message(to="not-an-address")])
+    (outcome,) = await sparkpost.send([message(to=Mailbox("not-an-address"))])
     assert outcome.kind is OutcomeKind.REJECTED
     assert "recipients[0].address.email" in outcome.reason and "(code 1300)" in outcome.reason
 
 
 def test_region_and_subaccount_come_from_options() -> None:
     """`region = "eu"` picks the EU endpoint; `subaccount` becomes X-MSYS-SUBACCOUNT."""
-    eu = SparkPostAdapter(account("", options={"region": "eu", "subaccount": 7}))
+    eu = SparkPostAdapter(account(options={"region": "eu", "subaccount": 7}))
     assert eu.base_url == "https://api.eu.sparkpost.com"
     assert eu.auth_headers() == {"Authorization": "sim-key", "X-MSYS-SUBACCOUNT": "7"}
-    assert SparkPostAdapter(account("")).base_url == "https://api.sparkpost.com"
+    assert SparkPostAdapter(account()).base_url == "https://api.sparkpost.com"
     for options in ({"region": "ap"}, {"subaccount": "seven"}):
         with pytest.raises(AdapterError, match=r"esp sp: (region|subaccount)"):
-            SparkPostAdapter(account("", options=options))
+            SparkPostAdapter(account(options=options))
 
 
 async def test_bad_key_is_permanent(esp_simulator: SimulatorHandle) -> None:
     """A wrong API key is refused with 401 and rejected without retry."""
-    async with running(esp_simulator.url, api_key="wrong") as adapter:
+    acc = kit.account("sparkpost", esp_simulator.url, api_key="wrong")
+    async with kit.running(acc) as adapter:
         (outcome,) = await adapter.send([message()])
     assert outcome.kind is OutcomeKind.REJECTED
     assert outcome.reason == "SparkPost 401: Unauthorized."
@@ -150,7 +119,7 @@ async def test_scripted_rejection_is_permanent(
     sparkpost: SparkPostAdapter, esp_simulator: SimulatorHandle
 ) -> None:
     """A scripted rejection of the recipient is permanent and carries SparkPost's error."""
-    esp_simulator.add_rule(match_recipient="jane@example.com", provider="sparkpost", action="400")
+    esp_simulator.add_rule(match_recipient="user0@example.com", provider="sparkpost", action="400")
     (outcome,) = await sparkpost.send([message()])
     assert outcome.kind is OutcomeKind.REJECTED
     assert outcome.reason.startswith("SparkPost 422: invalid data format/type: recipients[0]")
@@ -169,41 +138,11 @@ async def test_rate_limit_waits_as_told(
 
 def test_sending_limit_420_is_throttling() -> None:
     """SparkPost's 420 (hourly/daily sending limit exceeded) is retried as throttling."""
-    adapter = SparkPostAdapter(account(""))
+    adapter = SparkPostAdapter(account())
     body = b'{"errors":[{"message":"Exceed Sending Limit (daily)","code":"2102"}]}'
     (outcome,) = adapter.classify_error([message()], HttpResponse(420, {}, body))
     assert outcome.kind is OutcomeKind.RETRY and outcome.rate_limited
     assert outcome.reason == "SparkPost 420: Exceed Sending Limit (daily) (code 2102)"
-
-
-@pytest.mark.parametrize("action", ["500", "503"])
-async def test_server_errors_are_retried(
-    sparkpost: SparkPostAdapter, esp_simulator: SimulatorHandle, action: str
-) -> None:
-    """5xx answers are retryable and not counted as throttling."""
-    esp_simulator.add_rule(provider="sparkpost", action=action, times=1)
-    (outcome,) = await sparkpost.send([message()])
-    assert outcome.kind is OutcomeKind.RETRY and not outcome.rate_limited
-    assert outcome.reason.startswith(f"SparkPost {action}:")
-
-
-async def test_timeout_is_retried(esp_simulator: SimulatorHandle) -> None:
-    """An answer slower than the account's timeout ends the call as retryable."""
-    esp_simulator.add_rule(provider="sparkpost", action="latency", latency_ms=3000, times=1)
-    async with running(esp_simulator.url, timeout=0.5) as adapter:
-        (outcome,) = await adapter.send([message()])
-    assert outcome.kind is OutcomeKind.RETRY
-    assert "Timeout" in outcome.reason
-
-
-async def test_dropped_connection_is_retried(
-    sparkpost: SparkPostAdapter, esp_simulator: SimulatorHandle
-) -> None:
-    """A connection closed without an answer is retryable."""
-    esp_simulator.add_rule(provider="sparkpost", action="drop", times=1)
-    (outcome,) = await sparkpost.send([message()])
-    assert outcome.kind is OutcomeKind.RETRY
-    assert outcome.reason.startswith("SparkPost: ")
 
 
 async def test_oversized_message_is_rejected_before_sending(
@@ -263,30 +202,8 @@ async def test_simulator_refuses_what_sparkpost_documents(
     assert error["code"] in ("1300", "1400")
 
 
-@pytest.fixture
-def sparkpost_server(tmp_path: Path, esp_simulator: SimulatorHandle) -> Iterator[ServerHandle]:
-    """The real service with a SparkPost account at the simulator as its default ESP."""
-    extra = f"""
-[[esp]]
-name = "sp"
-kind = "sparkpost"
-base_url = "{esp_simulator.url}"
-api_key_env = "{SIM_KEY_ENV}"
-sender = "orders@shop.example.com"
-region = "us"
-timeout = 5
-"""
-    data_dir = tmp_path / "data"
-    config = write_config(tmp_path / "swu.toml", data_dir, esp_simulator.url, extra, "sp")
-    handle = ServerHandle(config, data_dir, esp_simulator)
-    handle.start()
-    yield handle
-    handle.stop()
-
-
 def test_message_sent_through_sparkpost_end_to_end(sparkpost_server: ServerHandle) -> None:
     """A Send through the gRPC server ends SENT with SparkPost's transmission id."""
-    sparkpost_server.put_template("order", {"en": ORDER})
     request = delivery_pb2.SendRequest(email=mk(to="jane@example.com"))
     mid = sparkpost_server.delivery.Send(request).message_id
     done = sparkpost_server.wait_for_state([mid])[mid]
