@@ -131,11 +131,15 @@ class BatchLimits:
     bytes_per_call: int = 10 * 1024 * 1024
 
 
+_TYPE_WORDS: dict[type, str] = {str: "a string", int: "an integer", bool: "true or false"}
+
+
 def account_option(account: EspAccount, key: str, kind: type[T], default: T) -> T:
     """The provider-specific `key` of the account's `[[esp]]` table, type-checked."""
     value = account.options.get(key, default)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise AdapterError(f"esp {account.name}: {key} must be a {kind.__name__}")
+        expected = _TYPE_WORDS.get(kind, kind.__name__)
+        raise AdapterError(f"esp {account.name}: {key} must be {expected}")
     return value
 
 

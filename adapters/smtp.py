@@ -118,9 +118,12 @@ class SmtpAdapter(Adapter):
         host = account_option(account, "host", str, "")
         tls = account_option(account, "tls", str, "starttls")
         size = account_option(account, "pool_size", int, min(account.max_concurrency, 8))
-        if not host or tls not in DEFAULT_PORTS or size < 1:
-            problem = f"options need a host, tls in {sorted(DEFAULT_PORTS)} and pool_size >= 1"
-            raise AdapterError(f"esp {account.name}: {problem}")
+        if not host:
+            raise AdapterError(f"esp {account.name}: host is required")
+        if tls not in DEFAULT_PORTS:
+            raise AdapterError(f"esp {account.name}: tls must be one of {sorted(DEFAULT_PORTS)}")
+        if size < 1:
+            raise AdapterError(f"esp {account.name}: pool_size must be at least 1")
         username = account_option(account, "username", str, "")
         kwargs = {
             "hostname": host,
