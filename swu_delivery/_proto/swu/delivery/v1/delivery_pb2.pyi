@@ -54,8 +54,16 @@ class _MessageStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MessageS
     """Handed to an ESP, which accepted it; esp_message_id is set."""
     MESSAGE_STATE_FAILED: _MessageState.ValueType  # 3
     """Ended without being sent; reason says why (render error, permanent rejection, retries
-    exhausted).
+    exhausted), or the ESP reported that it dropped or rejected it after accepting it.
     """
+    MESSAGE_STATE_DELIVERED: _MessageState.ValueType  # 4
+    """The ESP reported delivery to the recipient's mail server (or an open or click)."""
+    MESSAGE_STATE_BOUNCED: _MessageState.ValueType  # 5
+    """The ESP reported a hard bounce."""
+    MESSAGE_STATE_COMPLAINED: _MessageState.ValueType  # 6
+    """The recipient marked it as spam."""
+    MESSAGE_STATE_SUPPRESSED: _MessageState.ValueType  # 7
+    """Not sent: the recipient is on the suppression list (reason names the entry)."""
 
 class MessageState(_MessageState, metaclass=_MessageStateEnumTypeWrapper):
     """Where a message stands."""
@@ -67,8 +75,16 @@ MESSAGE_STATE_SENT: MessageState.ValueType  # 2
 """Handed to an ESP, which accepted it; esp_message_id is set."""
 MESSAGE_STATE_FAILED: MessageState.ValueType  # 3
 """Ended without being sent; reason says why (render error, permanent rejection, retries
-exhausted).
+exhausted), or the ESP reported that it dropped or rejected it after accepting it.
 """
+MESSAGE_STATE_DELIVERED: MessageState.ValueType  # 4
+"""The ESP reported delivery to the recipient's mail server (or an open or click)."""
+MESSAGE_STATE_BOUNCED: MessageState.ValueType  # 5
+"""The ESP reported a hard bounce."""
+MESSAGE_STATE_COMPLAINED: MessageState.ValueType  # 6
+"""The recipient marked it as spam."""
+MESSAGE_STATE_SUPPRESSED: MessageState.ValueType  # 7
+"""Not sent: the recipient is on the suppression list (reason names the entry)."""
 Global___MessageState: _TypeAlias = MessageState  # noqa: Y015
 
 class _EventType:
@@ -85,7 +101,24 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     EVENT_TYPE_DEFERRED: _EventType.ValueType  # 3
     """An attempt failed and will be retried."""
     EVENT_TYPE_FAILED: _EventType.ValueType  # 4
-    """The message ended as failed."""
+    """The message ended as failed (by us, or the ESP reported a failure)."""
+    EVENT_TYPE_DELIVERED: _EventType.ValueType  # 5
+    """The following come from ESP webhooks.
+    Accepted by the recipient's mail server.
+    """
+    EVENT_TYPE_BOUNCED: _EventType.ValueType  # 6
+    """Bounced; bounce says hard (permanent) or soft (temporary)."""
+    EVENT_TYPE_REJECTED: _EventType.ValueType  # 7
+    """The ESP refused to send it after accepting it (e.g. dropped, blocked, policy)."""
+    EVENT_TYPE_OPENED: _EventType.ValueType  # 8
+    EVENT_TYPE_CLICKED: _EventType.ValueType  # 9
+    EVENT_TYPE_COMPLAINED: _EventType.ValueType  # 10
+    """Marked as spam by the recipient."""
+    EVENT_TYPE_UNSUBSCRIBED: _EventType.ValueType  # 11
+    EVENT_TYPE_UNKNOWN: _EventType.ValueType  # 12
+    """An ESP event type with no equivalent here; provider_type names it."""
+    EVENT_TYPE_SUPPRESSED: _EventType.ValueType  # 13
+    """Not sent: the recipient is suppressed."""
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
     """Kinds of entries in a message's history."""
@@ -98,8 +131,42 @@ EVENT_TYPE_SENT: EventType.ValueType  # 2
 EVENT_TYPE_DEFERRED: EventType.ValueType  # 3
 """An attempt failed and will be retried."""
 EVENT_TYPE_FAILED: EventType.ValueType  # 4
-"""The message ended as failed."""
+"""The message ended as failed (by us, or the ESP reported a failure)."""
+EVENT_TYPE_DELIVERED: EventType.ValueType  # 5
+"""The following come from ESP webhooks.
+Accepted by the recipient's mail server.
+"""
+EVENT_TYPE_BOUNCED: EventType.ValueType  # 6
+"""Bounced; bounce says hard (permanent) or soft (temporary)."""
+EVENT_TYPE_REJECTED: EventType.ValueType  # 7
+"""The ESP refused to send it after accepting it (e.g. dropped, blocked, policy)."""
+EVENT_TYPE_OPENED: EventType.ValueType  # 8
+EVENT_TYPE_CLICKED: EventType.ValueType  # 9
+EVENT_TYPE_COMPLAINED: EventType.ValueType  # 10
+"""Marked as spam by the recipient."""
+EVENT_TYPE_UNSUBSCRIBED: EventType.ValueType  # 11
+EVENT_TYPE_UNKNOWN: EventType.ValueType  # 12
+"""An ESP event type with no equivalent here; provider_type names it."""
+EVENT_TYPE_SUPPRESSED: EventType.ValueType  # 13
+"""Not sent: the recipient is suppressed."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
+
+class _BounceType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BounceTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BounceType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BOUNCE_TYPE_UNSPECIFIED: _BounceType.ValueType  # 0
+    BOUNCE_TYPE_HARD: _BounceType.ValueType  # 1
+    BOUNCE_TYPE_SOFT: _BounceType.ValueType  # 2
+
+class BounceType(_BounceType, metaclass=_BounceTypeEnumTypeWrapper): ...
+
+BOUNCE_TYPE_UNSPECIFIED: BounceType.ValueType  # 0
+BOUNCE_TYPE_HARD: BounceType.ValueType  # 1
+BOUNCE_TYPE_SOFT: BounceType.ValueType  # 2
+Global___BounceType: _TypeAlias = BounceType  # noqa: Y015
 
 @_typing.final
 class Attachment(_message.Message):
@@ -449,6 +516,13 @@ class MessageEvent(_message.Message):
     ESP_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
+    PROVIDER_EVENT_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_TYPE_FIELD_NUMBER: _builtins.int
+    RECIPIENT_FIELD_NUMBER: _builtins.int
+    BOUNCE_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    USER_AGENT_FIELD_NUMBER: _builtins.int
     type: Global___EventType.ValueType
     esp: _builtins.str
     """ESP account name involved, if any."""
@@ -456,6 +530,19 @@ class MessageEvent(_message.Message):
     """Reason or provider response."""
     attempt: _builtins.int
     """Attempt number (1-based) for send events."""
+    provider_event_id: _builtins.str
+    """The rest is set on events from ESP webhooks, where the provider gives it.
+    The provider's id for this event (events are deduplicated on it).
+    """
+    provider_type: _builtins.str
+    """The provider's own name for the event type, e.g. "dropped" or "Bounce"."""
+    recipient: _builtins.str
+    bounce: Global___BounceType.ValueType
+    response: _builtins.str
+    """The receiving server's or the ESP's response text."""
+    url: _builtins.str
+    """The clicked link."""
+    user_agent: _builtins.str
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -466,10 +553,17 @@ class MessageEvent(_message.Message):
         esp: _builtins.str = ...,
         detail: _builtins.str = ...,
         attempt: _builtins.int = ...,
+        provider_event_id: _builtins.str = ...,
+        provider_type: _builtins.str = ...,
+        recipient: _builtins.str = ...,
+        bounce: Global___BounceType.ValueType = ...,
+        response: _builtins.str = ...,
+        url: _builtins.str = ...,
+        user_agent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "detail", b"detail", "esp", b"esp", "time", b"time", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "bounce", b"bounce", "detail", b"detail", "esp", b"esp", "provider_event_id", b"provider_event_id", "provider_type", b"provider_type", "recipient", b"recipient", "response", b"response", "time", b"time", "type", b"type", "url", b"url", "user_agent", b"user_agent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -639,3 +733,161 @@ class RenderResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RenderResponse: _TypeAlias = RenderResponse  # noqa: Y015
+
+@_typing.final
+class WatchEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURSOR_FIELD_NUMBER: _builtins.int
+    ESPS_FIELD_NUMBER: _builtins.int
+    TEMPLATE_IDS_FIELD_NUMBER: _builtins.int
+    TYPES_FIELD_NUMBER: _builtins.int
+    cursor: _builtins.str
+    """Resume after this cursor (from a previous WatchEventsResponse). Empty: only events
+    recorded from now on. "0": every recorded event, from the oldest.
+    """
+    @_builtins.property
+    def esps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Filters; an empty list matches everything."""
+
+    @_builtins.property
+    def template_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def types(self) -> _containers.RepeatedScalarFieldContainer[Global___EventType.ValueType]: ...
+    def __init__(
+        self,
+        *,
+        cursor: _builtins.str = ...,
+        esps: _abc.Iterable[_builtins.str] | None = ...,
+        template_ids: _abc.Iterable[_builtins.str] | None = ...,
+        types: _abc.Iterable[Global___EventType.ValueType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "esps", b"esps", "template_ids", b"template_ids", "types", b"types"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchEventsRequest: _TypeAlias = WatchEventsRequest  # noqa: Y015
+
+@_typing.final
+class WatchEventsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURSOR_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    TEMPLATE_ID_FIELD_NUMBER: _builtins.int
+    TEMPLATE_VERSION_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    cursor: _builtins.str
+    """Pass it back in WatchEventsRequest.cursor to resume after this event."""
+    message_id: _builtins.str
+    template_id: _builtins.str
+    template_version: _builtins.int
+    @_builtins.property
+    def event(self) -> Global___MessageEvent: ...
+    def __init__(
+        self,
+        *,
+        cursor: _builtins.str = ...,
+        message_id: _builtins.str = ...,
+        template_id: _builtins.str = ...,
+        template_version: _builtins.int = ...,
+        event: Global___MessageEvent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "event", b"event", "message_id", b"message_id", "template_id", b"template_id", "template_version", b"template_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchEventsResponse: _TypeAlias = WatchEventsResponse  # noqa: Y015
+
+@_typing.final
+class GetTemplateStatsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEMPLATE_ID_FIELD_NUMBER: _builtins.int
+    template_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        template_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["template_id", b"template_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTemplateStatsRequest: _TypeAlias = GetTemplateStatsRequest  # noqa: Y015
+
+@_typing.final
+class TemplateVersionStats(_message.Message):
+    """Numbers of distinct messages with at least one such event."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEMPLATE_VERSION_FIELD_NUMBER: _builtins.int
+    SENT_FIELD_NUMBER: _builtins.int
+    DELIVERED_FIELD_NUMBER: _builtins.int
+    BOUNCED_FIELD_NUMBER: _builtins.int
+    OPENED_FIELD_NUMBER: _builtins.int
+    CLICKED_FIELD_NUMBER: _builtins.int
+    COMPLAINED_FIELD_NUMBER: _builtins.int
+    UNSUBSCRIBED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    template_version: _builtins.int
+    sent: _builtins.int
+    delivered: _builtins.int
+    bounced: _builtins.int
+    opened: _builtins.int
+    clicked: _builtins.int
+    complained: _builtins.int
+    unsubscribed: _builtins.int
+    failed: _builtins.int
+    def __init__(
+        self,
+        *,
+        template_version: _builtins.int = ...,
+        sent: _builtins.int = ...,
+        delivered: _builtins.int = ...,
+        bounced: _builtins.int = ...,
+        opened: _builtins.int = ...,
+        clicked: _builtins.int = ...,
+        complained: _builtins.int = ...,
+        unsubscribed: _builtins.int = ...,
+        failed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bounced", b"bounced", "clicked", b"clicked", "complained", b"complained", "delivered", b"delivered", "failed", b"failed", "opened", b"opened", "sent", b"sent", "template_version", b"template_version", "unsubscribed", b"unsubscribed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TemplateVersionStats: _TypeAlias = TemplateVersionStats  # noqa: Y015
+
+@_typing.final
+class GetTemplateStatsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEMPLATE_ID_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    template_id: _builtins.str
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___TemplateVersionStats]:
+        """One entry per version that has messages, by version."""
+
+    def __init__(
+        self,
+        *,
+        template_id: _builtins.str = ...,
+        versions: _abc.Iterable[Global___TemplateVersionStats] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["template_id", b"template_id", "versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTemplateStatsResponse: _TypeAlias = GetTemplateStatsResponse  # noqa: Y015

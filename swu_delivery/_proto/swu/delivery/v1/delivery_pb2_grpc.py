@@ -60,6 +60,16 @@ class DeliveryServiceStub:
                 request_serializer=swu_dot_delivery_dot_v1_dot_delivery__pb2.RenderRequest.SerializeToString,
                 response_deserializer=swu_dot_delivery_dot_v1_dot_delivery__pb2.RenderResponse.FromString,
                 _registered_method=True)
+        self.WatchEvents = channel.unary_stream(
+                '/swu.delivery.v1.DeliveryService/WatchEvents',
+                request_serializer=swu_dot_delivery_dot_v1_dot_delivery__pb2.WatchEventsRequest.SerializeToString,
+                response_deserializer=swu_dot_delivery_dot_v1_dot_delivery__pb2.WatchEventsResponse.FromString,
+                _registered_method=True)
+        self.GetTemplateStats = channel.unary_unary(
+                '/swu.delivery.v1.DeliveryService/GetTemplateStats',
+                request_serializer=swu_dot_delivery_dot_v1_dot_delivery__pb2.GetTemplateStatsRequest.SerializeToString,
+                response_deserializer=swu_dot_delivery_dot_v1_dot_delivery__pb2.GetTemplateStatsResponse.FromString,
+                _registered_method=True)
 
 
 class DeliveryServiceServicer:
@@ -101,6 +111,22 @@ class DeliveryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchEvents(self, request, context):
+        """Live events (sends, retries, failures and the ESPs' webhook events) as they are recorded,
+        resumable from a cursor. The initial metadata "swu-cursor" is sent once the stream is live
+        and holds the cursor it starts after.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTemplateStats(self, request, context):
+        """Per template version: how many messages were sent, delivered, bounced, opened, ...
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeliveryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +154,16 @@ def add_DeliveryServiceServicer_to_server(servicer, server):
                     servicer.Render,
                     request_deserializer=swu_dot_delivery_dot_v1_dot_delivery__pb2.RenderRequest.FromString,
                     response_serializer=swu_dot_delivery_dot_v1_dot_delivery__pb2.RenderResponse.SerializeToString,
+            ),
+            'WatchEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEvents,
+                    request_deserializer=swu_dot_delivery_dot_v1_dot_delivery__pb2.WatchEventsRequest.FromString,
+                    response_serializer=swu_dot_delivery_dot_v1_dot_delivery__pb2.WatchEventsResponse.SerializeToString,
+            ),
+            'GetTemplateStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTemplateStats,
+                    request_deserializer=swu_dot_delivery_dot_v1_dot_delivery__pb2.GetTemplateStatsRequest.FromString,
+                    response_serializer=swu_dot_delivery_dot_v1_dot_delivery__pb2.GetTemplateStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +302,60 @@ class DeliveryService:
             '/swu.delivery.v1.DeliveryService/Render',
             swu_dot_delivery_dot_v1_dot_delivery__pb2.RenderRequest.SerializeToString,
             swu_dot_delivery_dot_v1_dot_delivery__pb2.RenderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/swu.delivery.v1.DeliveryService/WatchEvents',
+            swu_dot_delivery_dot_v1_dot_delivery__pb2.WatchEventsRequest.SerializeToString,
+            swu_dot_delivery_dot_v1_dot_delivery__pb2.WatchEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTemplateStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swu.delivery.v1.DeliveryService/GetTemplateStats',
+            swu_dot_delivery_dot_v1_dot_delivery__pb2.GetTemplateStatsRequest.SerializeToString,
+            swu_dot_delivery_dot_v1_dot_delivery__pb2.GetTemplateStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,13 @@ class DeliveryServiceStub:
     """A message's current state and event history."""
     Render: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.RenderRequest, _delivery_pb2.RenderResponse]
     """Render a template with data, without sending anything."""
+    WatchEvents: _grpc.UnaryStreamMultiCallable[_delivery_pb2.WatchEventsRequest, _delivery_pb2.WatchEventsResponse]
+    """Live events (sends, retries, failures and the ESPs' webhook events) as they are recorded,
+    resumable from a cursor. The initial metadata "swu-cursor" is sent once the stream is live
+    and holds the cursor it starts after.
+    """
+    GetTemplateStats: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.GetTemplateStatsRequest, _delivery_pb2.GetTemplateStatsResponse]
+    """Per template version: how many messages were sent, delivered, bounced, opened, ..."""
 
 @_typing.type_check_only
 class DeliveryServiceAsyncStub(DeliveryServiceStub):
@@ -59,6 +66,13 @@ class DeliveryServiceAsyncStub(DeliveryServiceStub):
     """A message's current state and event history."""
     Render: _aio.UnaryUnaryMultiCallable[_delivery_pb2.RenderRequest, _delivery_pb2.RenderResponse]  # type: ignore[assignment]
     """Render a template with data, without sending anything."""
+    WatchEvents: _aio.UnaryStreamMultiCallable[_delivery_pb2.WatchEventsRequest, _delivery_pb2.WatchEventsResponse]  # type: ignore[assignment]
+    """Live events (sends, retries, failures and the ESPs' webhook events) as they are recorded,
+    resumable from a cursor. The initial metadata "swu-cursor" is sent once the stream is live
+    and holds the cursor it starts after.
+    """
+    GetTemplateStats: _aio.UnaryUnaryMultiCallable[_delivery_pb2.GetTemplateStatsRequest, _delivery_pb2.GetTemplateStatsResponse]  # type: ignore[assignment]
+    """Per template version: how many messages were sent, delivered, bounced, opened, ..."""
 
 class DeliveryServiceServicer(metaclass=_abc_1.ABCMeta):
     """Accepts templated sends, reports each message's fate, and previews renders."""
@@ -102,5 +116,24 @@ class DeliveryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_delivery_pb2.RenderResponse, _abc.Awaitable[_delivery_pb2.RenderResponse]]:
         """Render a template with data, without sending anything."""
+
+    @_abc_1.abstractmethod
+    def WatchEvents(
+        self,
+        request: _delivery_pb2.WatchEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_delivery_pb2.WatchEventsResponse], _abc.AsyncIterator[_delivery_pb2.WatchEventsResponse]]:
+        """Live events (sends, retries, failures and the ESPs' webhook events) as they are recorded,
+        resumable from a cursor. The initial metadata "swu-cursor" is sent once the stream is live
+        and holds the cursor it starts after.
+        """
+
+    @_abc_1.abstractmethod
+    def GetTemplateStats(
+        self,
+        request: _delivery_pb2.GetTemplateStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_delivery_pb2.GetTemplateStatsResponse, _abc.Awaitable[_delivery_pb2.GetTemplateStatsResponse]]:
+        """Per template version: how many messages were sent, delivered, bounced, opened, ..."""
 
 def add_DeliveryServiceServicer_to_server(servicer: DeliveryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
