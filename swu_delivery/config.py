@@ -23,6 +23,8 @@ __all__ = [
     "DeliveryConfig",
     "EspAccount",
     "SimulatorSettings",
+    "WebhookSettings",
+    "WebhooksConfig",
     "load_config",
 ]
 
@@ -48,6 +50,15 @@ class EspAccount:
     timeout: float = 30.0  # seconds for one ESP call, connect included
     max_concurrency: int = 64  # ESP calls in flight at once for this account
     options: Mapping[str, Any] = field(default_factory=dict)  # provider-specific keys
+    webhook: WebhookSettings | None = None  # its [esp.webhook] table; None: no endpoint
+
+
+@dataclass(frozen=True, kw_only=True)
+class WebhookSettings:
+    """How the webhook endpoint of one ESP account authenticates the provider's requests."""
+
+    secret: str = field(default="", repr=False)  # resolved from secret_env / secret_file
+    options: Mapping[str, Any] = field(default_factory=dict)  # the receiver's own keys
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +73,14 @@ class DeliveryConfig:
     max_inflight_batches: int = 8  # claimed batches being rendered/sent at once
     lease_seconds: float = 120.0  # a claim not finished by then is taken over
     idle_poll: float = 0.25  # seconds between outbox polls when nothing is due
+
+
+@dataclass(frozen=True, kw_only=True)
+class WebhooksConfig:
+    """The HTTP server that receives ESP event webhooks (POST /webhooks/<account name>)."""
+
+    listen: str = "127.0.0.1:50052"  # empty: no webhook server
+    max_body_bytes: int = 5 * 1024 * 1024  # larger requests get 413
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,6 +106,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     simulator: SimulatorSettings = field(default_factory=SimulatorSettings)
     render: RenderLimits = field(default_factory=RenderLimits)
+    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
 
     def account(self, name: str) -> EspAccount:
         for acc in self.esps:
@@ -95,25 +115,34 @@ class Config:
         raise ConfigError(f"delivery.default_esp: no ESP account named {name!r}")
 
 
-def _secret(raw: Mapping[str, Any], where: str) -> str:
-    if "api_key" in raw:
-        raise ConfigError(
-            f"{where}.api_key: put keys in api_key_env or api_key_file, not in config"
-        )
-    if env := raw.get("api_key_env"):
+def _secret(raw: Mapping[str, Any], where: str, name: str = "api_key") -> str:
+    """The secret `name` from `<name>_env` (an environment variable) or `<name>_file`."""
+    if name in raw:
+        raise ConfigError(f"{where}.{name}: put it in {name}_env or {name}_file, not in config")
+    if env := raw.get(f"{name}_env"):
         if env not in os.environ:
-            raise ConfigError(f"{where}.api_key_env: environment variable {env} is not set")
+            raise ConfigError(f"{where}.{name}_env: environment variable {env} is not set")
         return os.environ[env]
-    if path := raw.get("api_key_file"):
+    if path := raw.get(f"{name}_file"):
         try:
             return Path(path).read_text().strip()
         except OSError as exc:
-            raise ConfigError(f"{where}.api_key_file: cannot read ({exc.strerror})") from None
+            raise ConfigError(f"{where}.{name}_file: cannot read ({exc.strerror})") from None
     return ""
 
 
 _ACCOUNT_KEYS = {"name", "kind", "base_url", "sender", "sender_name", "timeout", "max_concurrency"}
-_SECRET_KEYS = {"api_key", "api_key_env", "api_key_file"}
+_SECRET_KEYS = {"api_key", "api_key_env", "api_key_file", "webhook"}
+_WEBHOOK_SECRET_KEYS = {"secret", "secret_env", "secret_file"}
+
+
+def _webhook(raw: Any, where: str) -> WebhookSettings | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}.webhook: expected a table ([esp.webhook])")
+    options = {k: v for k, v in raw.items() if k not in _WEBHOOK_SECRET_KEYS}
+    return WebhookSettings(secret=_secret(raw, f"{where}.webhook", "secret"), options=options)
 
 
 def _account(raw: Mapping[str, Any], index: int) -> EspAccount:
@@ -124,7 +153,12 @@ def _account(raw: Mapping[str, Any], index: int) -> EspAccount:
     known = {k: raw[k] for k in _ACCOUNT_KEYS if k in raw}
     options = {k: v for k, v in raw.items() if k not in _ACCOUNT_KEYS | _SECRET_KEYS}
     try:
-        return EspAccount(**known, api_key=_secret(raw, where), options=options)
+        return EspAccount(
+            **known,
+            api_key=_secret(raw, where),
+            options=options,
+            webhook=_webhook(raw.get("webhook"), where),
+        )
     except TypeError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
@@ -161,6 +195,7 @@ def load_config(
         "delivery": (DeliveryConfig, "delivery"),
         "simulator": (SimulatorSettings, "simulator"),
         "render": (RenderLimits, "render"),
+        "webhooks": (WebhooksConfig, "webhooks"),
     }
     kwargs: dict[str, Any] = {}
     for key, (cls, where) in sections.items():
