@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS template_versions (
 -- One row per accepted message: the durable outbox (state 1 = queued) and the ledger at once.
 CREATE TABLE IF NOT EXISTS messages (
     id               TEXT PRIMARY KEY,
-    state            INTEGER NOT NULL,  -- MessageState: 1 queued, 2 sent, 3 failed
+    state            INTEGER NOT NULL,  -- 1 queued, 2 sent, 3 failed, 7 suppressed (ESP events
+                                        -- refine sent into delivered/bounced/... on reading)
     priority         INTEGER NOT NULL,  -- 1 transactional, 2 bulk
     due_at           REAL NOT NULL,     -- not before (send_at, a retry's backoff, or the lease end)
     lease_until      REAL NOT NULL DEFAULT 0,  -- claimed by a lane until then; 0 = free
@@ -60,16 +61,36 @@ CREATE TABLE IF NOT EXISTS messages (
     updated_at       REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS messages_ready ON messages (priority, due_at) WHERE state = 1;
+CREATE INDEX IF NOT EXISTS messages_template ON messages (template_id, template_version);
+-- A message's history after acceptance (its QUEUED event is implied by the row): what the
+-- delivery lane did, and what ESP webhooks reported. seq is the WatchEvents cursor.
 CREATE TABLE IF NOT EXISTS events (
-    seq        INTEGER PRIMARY KEY,
-    message_id TEXT NOT NULL,
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id TEXT NOT NULL,           -- ours; '' for a webhook event that names none
     time       REAL NOT NULL,
     type       INTEGER NOT NULL,        -- EventType
     esp        TEXT NOT NULL DEFAULT '',
-    detail     TEXT NOT NULL DEFAULT '',
-    attempt    INTEGER NOT NULL DEFAULT 0
+    detail     TEXT NOT NULL DEFAULT '',  -- reason, or the ESP's message id for SENT
+    attempt    INTEGER NOT NULL DEFAULT 0,
+    provider_event_id TEXT,             -- webhook events only; deduplicated per ESP account
+    provider_type     TEXT NOT NULL DEFAULT '',
+    recipient         TEXT NOT NULL DEFAULT '',
+    bounce            INTEGER NOT NULL DEFAULT 0,
+    response          TEXT NOT NULL DEFAULT '',
+    url               TEXT NOT NULL DEFAULT '',
+    user_agent        TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS events_message ON events (message_id, seq);
+CREATE UNIQUE INDEX IF NOT EXISTS events_provider ON events (esp, provider_event_id)
+    WHERE provider_event_id IS NOT NULL;
+-- Recipients never to send to again; webhooks add hard bounces and complaints.
+CREATE TABLE IF NOT EXISTS suppressions (
+    recipient  TEXT PRIMARY KEY,        -- lower-cased address
+    reason     TEXT NOT NULL,           -- hard_bounce | complaint
+    esp        TEXT NOT NULL DEFAULT '',
+    event_seq  INTEGER NOT NULL DEFAULT 0,  -- the event that added it
+    created_at REAL NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS idempotency (
     key        TEXT PRIMARY KEY,
     message_id TEXT NOT NULL,

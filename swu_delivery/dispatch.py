@@ -21,7 +21,7 @@ from adapters.base import Adapter, Attachment, Mailbox, OutboundEmail, OutcomeKi
 from swu_delivery._proto.swu.delivery.v1 import common_pb2, delivery_pb2
 from swu_delivery.config import DeliveryConfig, EspAccount
 from swu_delivery.errors import SwuError
-from swu_delivery.outbox import FAILED, QUEUED, SENT, Claimed, Completion, Outbox
+from swu_delivery.outbox import FAILED, QUEUED, SENT, SUPPRESSED, Claimed, Completion, Outbox
 from swu_delivery.sandbox import TemplateEngine
 from swu_delivery.templates import CompiledVersion, TemplateCache
 
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 EV_SENT = delivery_pb2.EVENT_TYPE_SENT
 EV_DEFERRED = delivery_pb2.EVENT_TYPE_DEFERRED
 EV_FAILED = delivery_pb2.EVENT_TYPE_FAILED
+EV_SUPPRESSED = delivery_pb2.EVENT_TYPE_SUPPRESSED
 
 
 def backoff(attempt: int, *, base: float, cap: float, rng: random.Random) -> float:
@@ -133,10 +134,26 @@ class Dispatcher:
         await self.outbox.record(completions)
 
     async def _deliver(self, claimed: list[Claimed]) -> list[Completion]:
+        suppressed = await self.outbox.suppressed(c.recipient for c in claimed)
+        completions: list[Completion] = []
+        if suppressed:
+            completions = [
+                Completion(
+                    c.id,
+                    SUPPRESSED,
+                    EV_SUPPRESSED,
+                    c.attempts,
+                    reason="recipient suppressed: {} (event {})".format(
+                        *suppressed[c.recipient.lower()]
+                    ),
+                )
+                for c in claimed
+                if c.recipient.lower() in suppressed
+            ]
+            claimed = [c for c in claimed if c.recipient.lower() not in suppressed]
         versions = await self.cache.ensure({(c.template_id, c.template_version) for c in claimed})
         esp = self.config.default_esp
         adapter = self.adapters[esp]
-        completions: list[Completion] = []
         ready: list[Claimed] = []
         outbound: list[OutboundEmail] = []
         for c in claimed:

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterable
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from swu_delivery._proto.swu.delivery.v1 import delivery_pb2
 from swu_delivery.db import Database
 from swu_delivery.errors import NotFound
+from swu_delivery.events import EVENT_COLUMNS, event_from_row
 
-__all__ = ["Ledger"]
+__all__ = ["Ledger", "derived_state"]
+
+ET = delivery_pb2
+ST = delivery_pb2
 
 
 def _ts(seconds: float) -> Timestamp:
@@ -50,16 +55,50 @@ def _get(conn: sqlite3.Connection, message_id: str) -> delivery_pb2.Message | No
     message.events.append(
         delivery_pb2.MessageEvent(time=_ts(row[10]), type=delivery_pb2.EVENT_TYPE_QUEUED)
     )
-    for time_, type_, esp, detail, attempt in conn.execute(
-        "SELECT time, type, esp, detail, attempt FROM events WHERE message_id = ? ORDER BY seq",
-        (message_id,),
+    for event_row in conn.execute(
+        f"SELECT {EVENT_COLUMNS} FROM events WHERE message_id = ? ORDER BY seq", (message_id,)
     ):
-        message.events.append(
-            delivery_pb2.MessageEvent(
-                time=_ts(time_), type=type_, esp=esp, detail=detail, attempt=attempt
-            )
-        )
+        message.events.append(event_from_row(event_row))
+    message.state = delivery_pb2.MessageState.ValueType(
+        derived_state(message.state, message.events)
+    )
     return message
+
+
+# What ESP events make of a sent message, by rank: a later event of a lower rank (an open
+# after a complaint, a delayed "delivered" after a bounce) does not undo a higher one.
+_EVENT_STATES = {
+    ET.EVENT_TYPE_SENT: (1, ST.MESSAGE_STATE_SENT),
+    ET.EVENT_TYPE_DELIVERED: (2, ST.MESSAGE_STATE_DELIVERED),
+    ET.EVENT_TYPE_OPENED: (2, ST.MESSAGE_STATE_DELIVERED),
+    ET.EVENT_TYPE_CLICKED: (2, ST.MESSAGE_STATE_DELIVERED),
+    ET.EVENT_TYPE_UNSUBSCRIBED: (2, ST.MESSAGE_STATE_DELIVERED),
+    ET.EVENT_TYPE_REJECTED: (3, ST.MESSAGE_STATE_FAILED),
+    ET.EVENT_TYPE_FAILED: (3, ST.MESSAGE_STATE_FAILED),
+    ET.EVENT_TYPE_COMPLAINED: (4, ST.MESSAGE_STATE_COMPLAINED),
+}
+
+
+def derived_state(recorded: int, events: Iterable[delivery_pb2.MessageEvent]) -> int:
+    """The state a reader sees: the lane's own record, refined by what the ESP reported.
+
+    Webhook events can arrive before the lane records the send; they count all the same, and
+    they outrank a failure the lane recorded (an ESP call that timed out may have been sent).
+    A hard bounce makes the message BOUNCED; a soft bounce does not change it.
+    """
+    if recorded == ST.MESSAGE_STATE_SUPPRESSED:
+        return recorded  # never handed to an ESP
+    rank, state = 0, recorded
+    for event in events:
+        if not event.provider_event_id and event.type != ET.EVENT_TYPE_SENT:
+            continue  # the lane's own DEFERRED/FAILED are already in `recorded`
+        if event.type == ET.EVENT_TYPE_BOUNCED:
+            found = (3, ST.MESSAGE_STATE_BOUNCED) if event.bounce == ET.BOUNCE_TYPE_HARD else None
+        else:
+            found = _EVENT_STATES.get(event.type)
+        if found is not None and found[0] > rank:
+            rank, state = found
+    return state
 
 
 class Ledger:

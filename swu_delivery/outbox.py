@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from swu_delivery._proto.swu.delivery.v1 import delivery_pb2
@@ -20,6 +20,7 @@ __all__ = ["Accepted", "Claimed", "Completion", "NewMessage", "Outbox"]
 QUEUED = delivery_pb2.MESSAGE_STATE_QUEUED
 SENT = delivery_pb2.MESSAGE_STATE_SENT
 FAILED = delivery_pb2.MESSAGE_STATE_FAILED
+SUPPRESSED = delivery_pb2.MESSAGE_STATE_SUPPRESSED
 
 
 @dataclass(slots=True)
@@ -53,6 +54,7 @@ class Claimed:
     template_version: int
     locale: str
     attempts: int  # including this one
+    recipient: str  # the To address
 
 
 @dataclass(slots=True)
@@ -138,7 +140,7 @@ def _claim(conn: sqlite3.Connection, limit: int, lease: float, now: float) -> li
             " updated_at = ?2"
             " WHERE id IN (SELECT id FROM messages WHERE state = 1 AND due_at <= ?2"
             " AND lease_until <= ?2 ORDER BY priority, due_at LIMIT ?3)"
-            " RETURNING id, payload, template_id, template_version, locale, attempts",
+            " RETURNING id, payload, template_id, template_version, locale, attempts, recipient",
             (now + lease, now, limit),
         )
         return [Claimed(*row) for row in cur.fetchall()]
@@ -189,6 +191,19 @@ def _release(conn: sqlite3.Connection, ids: Sequence[str] | None, now: float) ->
         return len(ids)
 
 
+def _suppressed(conn: sqlite3.Connection, recipients: list[str]) -> dict[str, tuple[str, int]]:
+    found: dict[str, tuple[str, int]] = {}
+    for start in range(0, len(recipients), 500):  # SQLite's bound-parameter limit
+        chunk = recipients[start : start + 500]
+        for address, reason, seq in conn.execute(
+            "SELECT recipient, reason, event_seq FROM suppressions"
+            f" WHERE recipient IN ({', '.join('?' * len(chunk))})",
+            chunk,
+        ):
+            found[address] = (reason, seq)
+    return found
+
+
 def _prune_keys(conn: sqlite3.Connection, before: float) -> int:
     with transaction(conn):
         return conn.execute("DELETE FROM idempotency WHERE created_at < ?", (before,)).rowcount
@@ -201,9 +216,16 @@ def _depth(conn: sqlite3.Connection) -> int:
 class Outbox:
     """Async facade over the outbox statements; every call is one transaction."""
 
-    def __init__(self, db: Database, *, idempotency_ttl: float) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        idempotency_ttl: float,
+        on_record: Callable[[], None] | None = None,
+    ) -> None:
         self.db = db
         self.idempotency_ttl = idempotency_ttl
+        self.on_record = on_record  # told after outcomes were recorded (wakes WatchEvents)
 
     async def accept(self, rows: Sequence[NewMessage]) -> list[Accepted]:
         return await self.db.run(_accept, rows, self.idempotency_ttl, time.time())
@@ -214,6 +236,13 @@ class Outbox:
     async def record(self, completions: Sequence[Completion]) -> None:
         if completions:
             await self.db.run(_record, completions, time.time())
+            if self.on_record is not None:
+                self.on_record()
+
+    async def suppressed(self, recipients: Iterable[str]) -> dict[str, tuple[str, int]]:
+        """{lower-cased address: (reason, event seq)} for those on the suppression list."""
+        wanted = sorted({r.lower() for r in recipients})
+        return await self.db.run(_suppressed, wanted) if wanted else {}
 
     async def release(self, ids: Sequence[str] | None = None) -> int:
         return await self.db.run(_release, ids, time.time())

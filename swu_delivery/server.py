@@ -32,12 +32,14 @@ from swu_delivery._proto.swu.delivery.v1 import (
 from swu_delivery.config import SIMULATOR_ACCOUNT, Config, ConfigError
 from swu_delivery.db import Database
 from swu_delivery.dispatch import Dispatcher
+from swu_delivery.events import EventHub, EventStore
 from swu_delivery.intake import Intake
 from swu_delivery.ledger import Ledger
 from swu_delivery.outbox import Outbox
 from swu_delivery.sandbox import TemplateEngine
 from swu_delivery.servicers import DeliveryServicer, TemplateServicer
 from swu_delivery.templates import TemplateCache, TemplateStore
+from swu_delivery.webhooks.server import WebhookServer, build_receivers
 
 __all__ = ["Service", "run"]
 
@@ -70,8 +72,13 @@ class Service:
         self.engine = TemplateEngine(config.render)
         self.cache = TemplateCache(self.db, self.engine)
         self.store = TemplateStore(self.db, self.engine, self.cache)
-        self.outbox = Outbox(self.db, idempotency_ttl=config.idempotency_ttl)
+        self.hub = EventHub()
+        self.events = EventStore(self.db, self.hub)
+        self.outbox = Outbox(
+            self.db, idempotency_ttl=config.idempotency_ttl, on_record=self.hub.notify
+        )
         self.ledger = Ledger(self.db)
+        self.webhooks: WebhookServer | None = None
         self.adapters: dict[str, Adapter] = {}
         self.dispatcher: Dispatcher | None = None
         self.intake: Intake | None = None
@@ -131,6 +138,7 @@ class Service:
                 cache=self.cache,
                 store=self.store,
                 engine=self.engine,
+                events=self.events,
             ),
             server,
         )
@@ -147,8 +155,25 @@ class Service:
         self.server = server
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._start_webhooks()
         self.dispatcher.start()
         self._housekeeping = asyncio.create_task(self._housekeep())
+
+    async def _start_webhooks(self) -> None:
+        if not self.config.webhooks.listen:
+            return
+        webhooks = WebhookServer(self.config.webhooks, self.events)
+        try:
+            receivers = build_receivers(self.config.esps, webhooks)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        try:
+            await webhooks.start(receivers)
+        except OSError as exc:
+            listen = self.config.webhooks.listen
+            raise ConfigError(f"webhooks.listen: cannot bind {listen} ({exc})") from None
+        self.webhooks = webhooks
+        log.info("webhook endpoints for %s", ", ".join(sorted(receivers)) or "no account")
 
     async def _housekeep(self) -> None:
         while True:
@@ -170,6 +195,8 @@ class Service:
             await self.dispatcher.stop(grace)
         if self._housekeeping is not None:
             self._housekeeping.cancel()
+        if self.webhooks is not None:
+            await self.webhooks.stop()
         if self.server is not None:
             await self.server.stop(grace=min(grace, 5.0))
         for adapter in self.adapters.values():
@@ -198,6 +225,9 @@ async def serve(config: Config) -> None:
         loop.add_signal_handler(sig, stop.set)
     await service.start()
     tune_gc()
+    if service.webhooks is not None:
+        webhook_host = config.webhooks.listen.rpartition(":")[0]
+        print(f"swu-delivery webhooks on {webhook_host}:{service.webhooks.port}", flush=True)
     host = config.listen.rpartition(":")[0]
     print(f"swu-delivery listening on {host}:{service.port}", flush=True)
     log.info("serving on %s:%d, data in %s", host, service.port, config.data_dir)

@@ -16,6 +16,7 @@ from swu_delivery._proto.swu.delivery.v1 import (
     template_pb2_grpc,
 )
 from swu_delivery.errors import InvalidArgument, SwuError, status_for
+from swu_delivery.events import EventStore
 from swu_delivery.intake import Intake
 from swu_delivery.ledger import Ledger
 from swu_delivery.sandbox import TemplateEngine
@@ -27,6 +28,7 @@ __all__ = ["DeliveryServicer", "TemplateServicer"]
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
+CURSOR_METADATA = "swu-cursor"  # WatchEvents: the cursor the stream starts after
 _BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[R]]
 
@@ -58,12 +60,14 @@ class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
         cache: TemplateCache,
         store: TemplateStore,
         engine: TemplateEngine,
+        events: EventStore,
     ) -> None:
         self.intake = intake
         self.ledger = ledger
         self.cache = cache
         self.store = store
         self.engine = engine
+        self.events = events
 
     @unary
     async def Send(
@@ -131,6 +135,32 @@ class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
             template_version=version,
             locale=rendered.locale,
         )
+
+    async def WatchEvents(
+        self,
+        request: delivery_pb2.WatchEventsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[delivery_pb2.WatchEventsResponse]:
+        try:
+            after = await self.events.start_cursor(request)
+            # The initial metadata tells the caller the stream is live and where it starts.
+            await context.send_initial_metadata(((CURSOR_METADATA, str(after)),))
+            async for item in self.events.watch(request, after):
+                yield item
+        except SwuError as exc:
+            await context.abort(*status_for(exc))
+        except Exception as exc:
+            log.exception("WatchEvents failed")
+            await context.abort(*status_for(exc))
+
+    @unary
+    async def GetTemplateStats(
+        self,
+        request: delivery_pb2.GetTemplateStatsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> delivery_pb2.GetTemplateStatsResponse:
+        check_template_id(request.template_id)
+        return await self.events.template_stats(request.template_id)
 
 
 class TemplateServicer(template_pb2_grpc.TemplateServiceServicer):

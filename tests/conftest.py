@@ -65,6 +65,9 @@ data_dir = "{data_dir}"
 grace_seconds = 10
 log_level = "INFO"
 
+[webhooks]
+listen = "127.0.0.1:0"
+
 [delivery]
 default_esp = "{default_esp}"
 {lane_lines}
@@ -93,11 +96,13 @@ class ServerHandle:
         self.proc: subprocess.Popen[str] | None = None
         self.target = ""
         self.log: list[str] = []
+        self.env: dict[str, str] = {}  # extra environment, e.g. webhook secrets for the config
+        self.webhooks = ""  # base URL of the webhook server: POST {webhooks}/webhooks/<account>
         self._channel: grpc.Channel | None = None
         self._drainer: threading.Thread | None = None
 
     def start(self) -> None:
-        env = {**os.environ, SIM_KEY_ENV: "sim-key", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, SIM_KEY_ENV: "sim-key", "PYTHONUNBUFFERED": "1", **self.env}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "swu_delivery", "serve", "--config", str(self.config)],
             stdout=subprocess.PIPE,
@@ -112,6 +117,8 @@ class ServerHandle:
             if not line:
                 break
             self.log.append(line)
+            if line.startswith("swu-delivery webhooks on "):
+                self.webhooks = "http://" + line.split()[-1]
             if line.startswith("swu-delivery listening on "):
                 self.target = line.split()[-1]
                 self._drainer = threading.Thread(target=self._drain, args=(self.proc,), daemon=True)

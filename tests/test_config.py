@@ -48,7 +48,10 @@ def serve_with(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
             "delivery.default_esp: no ESP account named 'b' (accounts: a)",
         ),
         ("idempotency_ttl = 3600\n", "idempotency_ttl: 3600 s is below the guaranteed 86400 s"),
-        (SG.format(name="a", more='api_key = "k-secret-123"'), "esp[0].api_key: put keys in"),
+        (
+            SG.format(name="a", more='api_key = "k-secret-123"'),
+            "esp[0].api_key: put it in api_key_env or api_key_file",
+        ),
     ],
     ids=["esp-table", "unknown-key", "typo-option", "unknown-kind", "default-esp", "ttl", "key"],
 )
