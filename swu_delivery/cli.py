@@ -10,6 +10,8 @@
     swu-delivery send --template ID --to EMAIL [--name N] [--data JSON | --data-file FILE] ...
     swu-delivery send --file FILE.jsonl [--batch-size 500] [--concurrency 4] [--stream]
     swu-delivery status MESSAGE_ID
+    swu-delivery events [--cursor C] [--esp A] [--template T] [--type bounced] [--limit N]
+    swu-delivery stats TEMPLATE_ID
     swu-delivery render --template ID [--data JSON | --data-file FILE] [--locale L]
 
 Client commands take `--target HOST:PORT` (default: $SWU_TARGET, else 127.0.0.1:50051) and print
@@ -456,7 +458,7 @@ def _summary(report: BulkReport, emails: JsonLinesEmails) -> dict[str, Any]:
 
 # --- status, render -------------------------------------------------------------------------
 
-_ENUM_PREFIXES = ("MESSAGE_STATE_", "EVENT_TYPE_")
+_ENUM_PREFIXES = ("MESSAGE_STATE_", "EVENT_TYPE_", "BOUNCE_TYPE_")
 
 
 def _short_enums(value: Any) -> Any:
@@ -476,6 +478,26 @@ def _status(args: argparse.Namespace) -> int:
     with Client(args.target) as client:
         message = client.get_message(args.message_id)
     _print_json(_short_enums(_to_dict(message)))
+    return 0
+
+
+def _events(args: argparse.Namespace) -> int:
+    """Print events as JSON lines until interrupted (or --limit events were printed)."""
+    with Client(args.target) as client:
+        stream = client.watch_events(
+            cursor=args.cursor, esps=args.esp, template_ids=args.template, types=args.type
+        )
+        for printed, item in enumerate(stream, start=1):
+            line = _short_enums(_to_dict(item))
+            print(orjson.dumps(line).decode(), flush=True)
+            if args.limit and printed >= args.limit:
+                break
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    with Client(args.target) as client:
+        _print_json(_to_dict(client.template_stats(args.template_id)))
     return 0
 
 
@@ -602,6 +624,18 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", parents=[target], help="show a message's state and events")
     status.add_argument("message_id")
     status.set_defaults(func=_status)
+
+    events = sub.add_parser("events", parents=[target], help="print events as they happen")
+    events.add_argument("--cursor", default="", help='resume after it; "0" from the oldest')
+    events.add_argument("--esp", action="append", default=[], metavar="ACCOUNT")
+    events.add_argument("--template", action="append", default=[], metavar="ID")
+    events.add_argument("--type", action="append", default=[], help="e.g. bounced, clicked")
+    events.add_argument("--limit", type=_positive, default=0, help="stop after N events")
+    events.set_defaults(func=_events)
+
+    stats = sub.add_parser("stats", parents=[target], help="a template's counts per version")
+    stats.add_argument("template_id")
+    stats.set_defaults(func=_stats)
 
     render = sub.add_parser("render", parents=[target], help="render a template, send nothing")
     render.add_argument("--template", required=True, metavar="ID")

@@ -157,6 +157,30 @@ def _priority(value: int | str) -> delivery_pb2.Priority.ValueType:
     raise ValueError(f"priority: unknown value {value}")
 
 
+def _event_type(value: int | str) -> delivery_pb2.EventType.ValueType:
+    """An EventType from its number, its name, or its short name ("bounced")."""
+    if isinstance(value, str):
+        upper = value.upper()
+        return delivery_pb2.EventType.Value(
+            upper if upper.startswith("EVENT_TYPE_") else f"EVENT_TYPE_{upper}"
+        )
+    for known in delivery_pb2.EventType.values():
+        if known == value:
+            return known
+    raise ValueError(f"event type: unknown value {value}")
+
+
+def _watch_request(
+    cursor: str, esps: Iterable[str], template_ids: Iterable[str], types: Iterable[int | str]
+) -> delivery_pb2.WatchEventsRequest:
+    return delivery_pb2.WatchEventsRequest(
+        cursor=cursor,
+        esps=list(esps),
+        template_ids=list(template_ids),
+        types=[_event_type(t) for t in types],
+    )
+
+
 def _data_json(data: Mapping[str, Any] | None) -> str:
     """Template data as JSON text; None (no data) is the empty string."""
     return orjson.dumps(data).decode() if data is not None else ""
@@ -618,6 +642,25 @@ class AsyncClient:
         request = delivery_pb2.GetMessageRequest(message_id=message_id)
         return (await self._unary(self._delivery.GetMessage, request)).message
 
+    async def watch_events(
+        self,
+        *,
+        cursor: str = "",
+        esps: Iterable[str] = (),
+        template_ids: Iterable[str] = (),
+        types: Iterable[int | str] = (),
+    ) -> AsyncIterator[delivery_pb2.WatchEventsResponse]:
+        """Recorded events after `cursor` ("" from now, "0" from the oldest), then live ones."""
+        request = _watch_request(cursor, esps, template_ids, types)
+        with _rpc_errors():
+            async for item in self._delivery.WatchEvents(request):
+                yield item
+
+    async def template_stats(self, template_id: str) -> delivery_pb2.GetTemplateStatsResponse:
+        """Per version: messages sent, delivered, bounced, opened, clicked, complained..."""
+        request = delivery_pb2.GetTemplateStatsRequest(template_id=template_id)
+        return await self._unary(self._delivery.GetTemplateStats, request)
+
     async def render(
         self,
         template_id: str,
@@ -904,6 +947,28 @@ class Client:
         """A message's state and event history; NOT_FOUND raises ClientError."""
         request = delivery_pb2.GetMessageRequest(message_id=message_id)
         return self._unary(self._delivery.GetMessage, request).message
+
+    def watch_events(
+        self,
+        *,
+        cursor: str = "",
+        esps: Iterable[str] = (),
+        template_ids: Iterable[str] = (),
+        types: Iterable[int | str] = (),
+    ) -> Iterator[delivery_pb2.WatchEventsResponse]:
+        """Recorded events after `cursor` ("" from now, "0" from the oldest), then live ones."""
+        request = _watch_request(cursor, esps, template_ids, types)
+        stream: Any = self._delivery.WatchEvents(request)  # a grpc Call as well as an iterator
+        try:
+            with _rpc_errors():
+                yield from stream
+        finally:
+            stream.cancel()
+
+    def template_stats(self, template_id: str) -> delivery_pb2.GetTemplateStatsResponse:
+        """Per version: messages sent, delivered, bounced, opened, clicked, complained..."""
+        request = delivery_pb2.GetTemplateStatsRequest(template_id=template_id)
+        return self._unary(self._delivery.GetTemplateStats, request)
 
     def render(
         self,

@@ -10,11 +10,13 @@ import itertools
 from collections.abc import Iterator
 
 import grpc
+import orjson
 import pytest
 
 from swu_delivery._proto.swu.delivery.v1 import delivery_pb2, template_pb2
 from tests.conftest import ServerHandle
 from tests.helpers import ORDER, data, mk
+from tests.test_client_cli import swu
 
 ET = delivery_pb2
 STREAM_DEADLINE = 60.0  # generous: only a hang reaches it
@@ -107,3 +109,23 @@ def test_template_stats_per_version(swu_server: ServerHandle) -> None:
             delivery_pb2.GetTemplateStatsRequest(template_id="nope")
         )
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_cli_events_and_stats(swu_server: ServerHandle) -> None:
+    """`swu-delivery events --cursor 0 --limit N` prints JSON lines; `stats` prints the counts."""
+    swu_server.put_template("order", {"en": ORDER})
+    ids = _send(swu_server, "order", 2)
+    swu_server.wait_for_state(ids, states=("SENT",))
+    target = ("--target", swu_server.target)
+    events = swu("events", "--cursor", "0", "--type", "sent", "--limit", "2", *target)
+    assert events.returncode == 0, events.stderr
+    lines = [orjson.loads(line) for line in events.stdout.splitlines()]
+    assert sorted(line["message_id"] for line in lines) == sorted(ids)
+    assert {line["event"]["type"] for line in lines} == {"SENT"}
+    stats = swu("stats", "order", *target)
+    assert stats.returncode == 0, stats.stderr
+    counts = {"delivered", "bounced", "opened", "clicked", "complained", "unsubscribed", "failed"}
+    # uint64 is a string in proto3 JSON
+    assert orjson.loads(stats.stdout)["versions"] == [
+        {"template_version": 1, "sent": "2", **dict.fromkeys(counts, "0")}
+    ]
