@@ -172,7 +172,7 @@ def esp_table(kind: str, sim: SimulatorHandle, **keys: Any) -> dict[str, Any]:
     return table | keys
 
 
-def _toml(table: Mapping[str, Any]) -> str:
+def toml_table(table: Mapping[str, Any]) -> str:
     def value(v: Any) -> str:
         return str(v) if isinstance(v, int | float) and not isinstance(v, bool) else f'"{v}"'
 
@@ -189,7 +189,7 @@ def serving(
         tmp_path / "swu.toml",
         data_dir,
         sim.url if sim is not None else NO_SIMULATOR,
-        extra=_toml(esp),
+        extra=toml_table(esp),
         default_esp=esp["name"],
     )
     handle = ServerHandle(config, data_dir, sim)

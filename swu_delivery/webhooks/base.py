@@ -32,6 +32,7 @@ __all__ = [
     "Received",
     "Receiver",
     "Unauthorized",
+    "Unavailable",
     "WebhookError",
     "WebhookRequest",
     "constant_time_equal",
@@ -66,6 +67,13 @@ class Forbidden(WebhookError):
     """Authenticated, but not allowed: stale timestamp, replayed token, foreign topic."""
 
     status = 403
+
+
+class Unavailable(WebhookError):
+    """Something the check depends on could not be reached (a signing certificate, a
+    subscription confirmation): 503, so the provider delivers the request again later."""
+
+    status = 503
 
 
 @dataclass(frozen=True, slots=True)
