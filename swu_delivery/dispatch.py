@@ -152,28 +152,37 @@ class Dispatcher:
             ]
             claimed = [c for c in claimed if c.recipient.lower() not in suppressed]
         versions = await self.cache.ensure({(c.template_id, c.template_version) for c in claimed})
-        esp = self.config.default_esp
-        adapter = self.adapters[esp]
-        ready: list[Claimed] = []
-        outbound: list[OutboundEmail] = []
+        by_esp: dict[str, tuple[list[Claimed], list[OutboundEmail]]] = {}
         for c in claimed:
+            esp = self._choose_esp(c)
             compiled = versions[(c.template_id, c.template_version)]
             try:
                 if isinstance(compiled, SwuError):
                     raise compiled
-                outbound.append(self._prepare(c, compiled, adapter.account))
+                email = self._prepare(c, compiled, self.adapters[esp].account)
             except SwuError as exc:
                 completions.append(
                     Completion(c.id, FAILED, EV_FAILED, c.attempts, reason=f"render error: {exc}")
                 )
                 continue
+            ready, outbound = by_esp.setdefault(esp, ([], []))
             ready.append(c)
-        if outbound:
-            outcomes = await adapter.send(outbound)
-            completions.extend(
-                self._outcome(c, esp, o) for c, o in zip(ready, outcomes, strict=True)
-            )
+            outbound.append(email)
+        if by_esp:
+            sent = await asyncio.gather(*(self._send(esp, o) for esp, (_, o) in by_esp.items()))
+            for (esp, (ready, _)), outcomes in zip(by_esp.items(), sent, strict=True):
+                completions.extend(
+                    self._outcome(c, esp, o) for c, o in zip(ready, outcomes, strict=True)
+                )
         return completions
+
+    def _choose_esp(self, claimed: Claimed) -> str:
+        """The ESP account this message goes to on this attempt."""
+        return self.config.default_esp
+
+    async def _send(self, esp: str, emails: list[OutboundEmail]) -> list[SendOutcome]:
+        """Hand `emails` to account `esp`'s adapter: one outcome per message, in order."""
+        return await self.adapters[esp].send(emails)
 
     def _prepare(
         self, claimed: Claimed, compiled: CompiledVersion, account: EspAccount
