@@ -22,6 +22,7 @@ import aiohttp
 import orjson
 
 from swu_delivery.config import EspAccount
+from swu_delivery.ratelimit import AccountLimiter, Deferred, account_limits
 
 T = TypeVar("T")
 
@@ -62,6 +63,7 @@ class SendOutcome:
     reason: str = ""  # names the ESP, the status and the provider's own text
     retry_after: float | None = None  # seconds, when the provider said how long to wait
     rate_limited: bool = False  # the provider throttled us (429 or its equivalent)
+    deferred: bool = False  # never sent: the account's rate limit had no room in time
 
     @classmethod
     def sent(cls, esp_message_id: str) -> SendOutcome:
@@ -150,6 +152,7 @@ class Adapter(ABC):
     display_name: ClassVar[str]
     limits: ClassVar[BatchLimits] = BatchLimits()
     option_keys: ClassVar[frozenset[str]] = frozenset()  # provider keys of its [[esp]] table
+    counts_recipients: ClassVar[bool] = False  # its quota counts recipients, not messages
 
     def __init__(self, account: EspAccount) -> None:
         if unknown := sorted(set(account.options) - self.option_keys):
@@ -159,6 +162,7 @@ class Adapter(ABC):
                 f"(its own keys: {own})"
             )
         self.account = account
+        self.limiter = AccountLimiter(account_limits(account))  # paces every provider call
 
     async def start(self) -> None:  # noqa: B027 (optional hook: most adapters need nothing)
         """Open long-lived resources (sessions, clients, pools)."""
@@ -198,16 +202,51 @@ class Adapter(ABC):
             )
         return None
 
-    async def send(self, emails: Sequence[OutboundEmail]) -> list[SendOutcome]:
-        """Deliver `emails`; returns one outcome per message, in order. Never raises."""
+    async def send(
+        self, emails: Sequence[OutboundEmail], *, horizon: float | None = None
+    ) -> list[SendOutcome]:
+        """Deliver `emails`; returns one outcome per message, in order. Never raises.
+
+        Each provider call waits for the account's limiter; a call that could not start within
+        `horizon` seconds is not made, and its messages get a `deferred` outcome.
+        """
         outcomes: list[SendOutcome | None] = [self.precheck(e) for e in emails]
         todo = [(i, e) for i, e in enumerate(emails) if outcomes[i] is None]
         calls = self.split([e for _, e in todo])
-        results = await asyncio.gather(*(self._send_call(call) for call in calls))
+        results = await asyncio.gather(*(self._paced_call(call, horizon) for call in calls))
         flat = [outcome for result in results for outcome in result]
         for (i, _), outcome in zip(todo, flat, strict=True):
             outcomes[i] = outcome
         return [o for o in outcomes if o is not None]
+
+    def call_cost(self, call: Sequence[OutboundEmail]) -> int:
+        """Tokens `call` takes from the account's messages bucket."""
+        return sum(e.recipient_count for e in call) if self.counts_recipients else len(call)
+
+    async def _paced_call(
+        self, call: list[OutboundEmail], horizon: float | None
+    ) -> list[SendOutcome]:
+        try:
+            permit = await self.limiter.acquire(self.call_cost(call), horizon=horizon)
+        except Deferred as exc:
+            reason = (
+                f"{self.display_name}: not sent, rate limit of account {self.account.name} "
+                f"(room expected in {exc.wait:.1f} s)"
+            )
+            deferred = SendOutcome(
+                OutcomeKind.RETRY, reason=reason, retry_after=exc.wait, deferred=True
+            )
+            return [deferred] * len(call)
+        outcomes: list[SendOutcome] = []
+        try:
+            outcomes = await self._send_call(call)
+        finally:  # cancelled too: the slot must come back
+            throttled = [o for o in outcomes if o.rate_limited]
+            waits = [o.retry_after for o in throttled if o.retry_after is not None]
+            self.limiter.finish(
+                permit, throttled=bool(throttled), retry_after=max(waits, default=None)
+            )
+        return outcomes
 
     async def _send_call(self, call: list[OutboundEmail]) -> list[SendOutcome]:
         try:

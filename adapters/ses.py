@@ -7,8 +7,8 @@ SES copies into every event it publishes for the message (configuration-set even
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import logging
 import re
 from collections.abc import Mapping
 from email.utils import formataddr
@@ -37,6 +37,8 @@ from swu_delivery.errors import InvalidArgument
 from swu_delivery.validation import check_header_text
 
 __all__ = ["MESSAGE_ID_TAG", "SesAdapter", "classify_error", "email_tags"]
+
+log = logging.getLogger(__name__)
 
 MESSAGE_ID_TAG = "swu_message_id"
 _TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")  # SES tag names and values: ASCII letters, digits, _ -
@@ -99,10 +101,11 @@ def _content(text: str) -> dict[str, str]:
 
 
 class SesAdapter(Adapter):
-    """One `SendEmail` per message, at most `max_concurrency` in flight."""
+    """One `SendEmail` per message; its sending quota counts recipients."""
 
     kind = "ses"
     display_name = "Amazon SES"
+    counts_recipients = True
     option_keys = frozenset({"region", "access_key_id", "configuration_set"})
     # SES v2: 50 recipients (to + cc + bcc) and 40 MB per message, attachments base64-encoded.
     limits: ClassVar[BatchLimits] = BatchLimits(
@@ -128,7 +131,6 @@ class SesAdapter(Adapter):
             if access_key_id
             else {}
         )
-        self._slots = asyncio.Semaphore(account.max_concurrency)
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
 
@@ -142,6 +144,28 @@ class SesAdapter(Adapter):
         )
         client = session.client("sesv2", endpoint_url=self.account.base_url or None, config=config)
         self._client = await self._stack.enter_async_context(client)
+        if self.account.messages_per_second <= 0:
+            await self._adopt_send_quota()
+
+    async def _adopt_send_quota(self) -> None:
+        """Pace by the account's `MaxSendRate` (recipients a second) when no rate is configured.
+
+        Reading it needs `ses:GetAccount`; without it (or offline) the lane runs unpaced and
+        relies on throttling answers, which is what the log line says.
+        """
+        try:
+            answer = await self._client.get_account()
+            rate = float(answer["SendQuota"]["MaxSendRate"])
+        except (ClientError, BotoCoreError, KeyError, TypeError, ValueError) as exc:
+            log.warning(
+                "esp %s: sending quota not read (%s: %s); no messages_per_second limit",
+                self.account.name,
+                type(exc).__name__,
+                str(exc)[:200],
+            )
+            return
+        self.limiter.with_messages_rate(rate)
+        log.info("esp %s: pacing at the account's MaxSendRate, %g/s", self.account.name, rate)
 
     async def close(self) -> None:
         await self._stack.aclose()
@@ -186,8 +210,7 @@ class SesAdapter(Adapter):
         except (InvalidArgument, ValueError) as exc:
             return [SendOutcome.rejected(f"{self.display_name}: {exc}")]
         try:
-            async with self._slots:
-                response = await self._client.send_email(**request)
+            response = await self._client.send_email(**request)
         except ClientError as exc:
             return [classify_error(exc.response)]
         except ParamValidationError as exc:  # the request breaks the API model: never succeeds

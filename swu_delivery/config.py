@@ -49,6 +49,11 @@ class EspAccount:
     sender_name: str = ""
     timeout: float = 30.0  # seconds for one ESP call, connect included
     max_concurrency: int = 64  # ESP calls in flight at once for this account
+    # Rate limits (docs/delivery.md); a rate of 0 is unlimited, a burst of 0 the default.
+    messages_per_second: float = 0.0  # messages, or recipients where the ESP counts them
+    messages_burst: int = 0
+    requests_per_second: float = 0.0  # provider API calls
+    requests_burst: int = 0
     options: Mapping[str, Any] = field(default_factory=dict)  # provider-specific keys
     webhook: WebhookSettings | None = None  # its [esp.webhook] table; None: no endpoint
 
@@ -131,7 +136,9 @@ def _secret(raw: Mapping[str, Any], where: str, name: str = "api_key") -> str:
     return ""
 
 
+_RATE_KEYS = {"messages_per_second", "messages_burst", "requests_per_second", "requests_burst"}
 _ACCOUNT_KEYS = {"name", "kind", "base_url", "sender", "sender_name", "timeout", "max_concurrency"}
+_ACCOUNT_KEYS |= _RATE_KEYS
 _SECRET_KEYS = {"api_key", "api_key_env", "api_key_file", "webhook"}
 _WEBHOOK_SECRET_KEYS = {"secret", "secret_env", "secret_file"}
 
@@ -145,11 +152,32 @@ def _webhook(raw: Any, where: str) -> WebhookSettings | None:
     return WebhookSettings(secret=_secret(raw, f"{where}.webhook", "secret"), options=options)
 
 
+def _check_limits(raw: Mapping[str, Any], where: str) -> None:
+    """Rates are numbers >= 0, bursts integers >= 0 that need their rate, concurrency >= 1."""
+    for key in ("messages_per_second", "requests_per_second"):
+        value = raw.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+            raise ConfigError(f"{where}.{key}: must be a number >= 0 (0: unlimited), got {value!r}")
+        if value == float("inf"):
+            raise ConfigError(f"{where}.{key}: must be finite; leave it out for unlimited")
+    for key in ("messages_burst", "requests_burst"):
+        value = raw.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{where}.{key}: must be an integer >= 0, got {value!r}")
+        rate = key.replace("_burst", "_per_second")
+        if value and not raw.get(rate):
+            raise ConfigError(f"{where}.{key}: needs {rate} (a burst of an unlimited rate)")
+    value = raw.get("max_concurrency", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}.max_concurrency: must be an integer >= 1, got {value!r}")
+
+
 def _account(raw: Mapping[str, Any], index: int) -> EspAccount:
     where = f"esp[{index}]"
     for key in ("name", "kind"):
         if not isinstance(raw.get(key), str) or not raw[key]:
             raise ConfigError(f"{where}.{key}: required string")
+    _check_limits(raw, where)
     known = {k: raw[k] for k in _ACCOUNT_KEYS if k in raw}
     options = {k: v for k, v in raw.items() if k not in _ACCOUNT_KEYS | _SECRET_KEYS}
     try:

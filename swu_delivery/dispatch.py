@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from contextlib import suppress
+from dataclasses import replace
 
 import orjson
 
@@ -33,11 +34,21 @@ EV_SENT = delivery_pb2.EVENT_TYPE_SENT
 EV_DEFERRED = delivery_pb2.EVENT_TYPE_DEFERRED
 EV_FAILED = delivery_pb2.EVENT_TYPE_FAILED
 EV_SUPPRESSED = delivery_pb2.EVENT_TYPE_SUPPRESSED
+# Calls may wait for their account's rate limit this share of the lease; the rest of it covers
+# the call itself (up to the account's timeout) and recording the batch.
+LEASE_SHARE_FOR_WAITING = 0.5
 
 
 def backoff(attempt: int, *, base: float, cap: float, rng: random.Random) -> float:
     """Full jitter: uniform in [0, min(cap, base * 2**(attempt-1))]."""
     return rng.uniform(0.0, min(cap, base * 2.0 ** max(attempt - 1, 0)))
+
+
+def _suppressed_reason(reason: str, event_seq: int) -> str:
+    """A SUPPRESSED message's reason: the list entry, and the webhook event that added it."""
+    if event_seq:
+        return f"recipient suppressed: {reason} (event {event_seq})"
+    return f"recipient suppressed: {reason}"  # added through SuppressionService
 
 
 def _mailbox(box: common_pb2.Address) -> Mailbox:
@@ -133,6 +144,24 @@ class Dispatcher:
             ]
         await self.outbox.record(completions)
 
+    async def _drop_suppressed_copies(self, emails: list[OutboundEmail]) -> None:
+        """Take suppressed cc and bcc addresses off `emails`; the rest still get the message.
+
+        Only batches with cc or bcc pay for this second lookup. Addresses are never logged.
+        """
+        copies = [box.email for e in emails for box in (*e.cc, *e.bcc)]
+        suppressed = await self.outbox.suppressed(copies) if copies else {}
+        if not suppressed:
+            return
+        for e in emails:
+            cc = [box for box in e.cc if box.email.lower() not in suppressed]
+            bcc = [box for box in e.bcc if box.email.lower() not in suppressed]
+            if dropped := len(e.cc) + len(e.bcc) - len(cc) - len(bcc):
+                log.debug(
+                    "message %s: %d suppressed cc/bcc recipients dropped", e.message_id, dropped
+                )
+                e.cc, e.bcc = cc, bcc
+
     async def _deliver(self, claimed: list[Claimed]) -> list[Completion]:
         suppressed = await self.outbox.suppressed(c.recipient for c in claimed)
         completions: list[Completion] = []
@@ -143,9 +172,7 @@ class Dispatcher:
                     SUPPRESSED,
                     EV_SUPPRESSED,
                     c.attempts,
-                    reason="recipient suppressed: {} (event {})".format(
-                        *suppressed[c.recipient.lower()]
-                    ),
+                    reason=_suppressed_reason(*suppressed[c.recipient.lower()]),
                 )
                 for c in claimed
                 if c.recipient.lower() in suppressed
@@ -168,11 +195,12 @@ class Dispatcher:
             ready, outbound = by_esp.setdefault(esp, ([], []))
             ready.append(c)
             outbound.append(email)
+        await self._drop_suppressed_copies([e for _, out in by_esp.values() for e in out])
         if by_esp:
             sent = await asyncio.gather(*(self._send(esp, o) for esp, (_, o) in by_esp.items()))
             for (esp, (ready, _)), outcomes in zip(by_esp.items(), sent, strict=True):
                 completions.extend(
-                    self._outcome(c, esp, o) for c, o in zip(ready, outcomes, strict=True)
+                    self._completion(c, esp, o) for c, o in zip(ready, outcomes, strict=True)
                 )
         return completions
 
@@ -181,8 +209,44 @@ class Dispatcher:
         return self.config.default_esp
 
     async def _send(self, esp: str, emails: list[OutboundEmail]) -> list[SendOutcome]:
-        """Hand `emails` to account `esp`'s adapter: one outcome per message, in order."""
-        return await self.adapters[esp].send(emails)
+        """Hand `emails` to account `esp`'s adapter: one outcome per message, in order.
+
+        Calls the account's rate limit cannot start within part of the lease are not made (their
+        outcomes are `deferred`): a slow account must not hold a claim until another takes it
+        over and sends it again.
+        """
+        started = time.monotonic()
+        horizon = self.config.lease_seconds * LEASE_SHARE_FOR_WAITING
+        outcomes = await self.adapters[esp].send(emails, horizon=horizon)
+        # A deferred call's wait was counted from (about) the start; the batch ends only now.
+        elapsed = time.monotonic() - started
+        return [
+            replace(o, retry_after=max(0.0, o.retry_after - elapsed))
+            if o.deferred and o.retry_after is not None
+            else o
+            for o in outcomes
+        ]
+
+    def _completion(self, claimed: Claimed, esp: str, outcome: SendOutcome) -> Completion:
+        """`_outcome`, except that deferred and throttled messages keep their attempt."""
+        if outcome.kind is not OutcomeKind.RETRY or not (outcome.deferred or outcome.rate_limited):
+            return self._outcome(claimed, esp, outcome)
+        # Due when the account expects room again: the limiter's estimate for a deferral (not
+        # capped: it is a place in the account's queue), else the provider's wait or the pause.
+        delay = outcome.retry_after or 0.0
+        if not outcome.deferred:
+            delay = min(delay, self.config.retry_max)
+        delay = max(delay, self.adapters[esp].limiter.paused_for())
+        return Completion(
+            claimed.id,
+            QUEUED,
+            EV_DEFERRED,
+            claimed.attempts,
+            esp=esp,
+            reason=outcome.reason,
+            due_at=time.time() + delay,
+            refund=True,
+        )
 
     def _prepare(
         self, claimed: Claimed, compiled: CompiledVersion, account: EspAccount

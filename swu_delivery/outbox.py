@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 from swu_delivery._proto.swu.delivery.v1 import delivery_pb2
 from swu_delivery.db import Database, transaction
+from swu_delivery.errors import FailedPrecondition, NotFound, SwuError
 
-__all__ = ["Accepted", "Claimed", "Completion", "NewMessage", "Outbox"]
+__all__ = ["Accepted", "Claimed", "Completion", "NewMessage", "Outbox", "RequeueFilter"]
 
 QUEUED = delivery_pb2.MESSAGE_STATE_QUEUED
 SENT = delivery_pb2.MESSAGE_STATE_SENT
@@ -69,6 +70,9 @@ class Completion:
     esp_message_id: str = ""
     reason: str = ""
     due_at: float = 0.0
+    # QUEUED again without counting the attempt: no call was made (the account's rate limit
+    # had no room) or the provider only throttled us; neither says anything about the message.
+    refund: bool = False
 
 
 def _accept(
@@ -156,9 +160,9 @@ def _record(conn: sqlite3.Connection, completions: Sequence[Completion], now: fl
             [(c.state, c.esp, c.esp_message_id, c.reason, now, c.message_id) for c in final],
         )
         conn.executemany(
-            "UPDATE messages SET due_at = ?, reason = ?, esp = ?, lease_until = 0, updated_at = ?"
-            " WHERE id = ?",
-            [(c.due_at, c.reason, c.esp, now, c.message_id) for c in again],
+            "UPDATE messages SET due_at = ?, reason = ?, esp = ?, lease_until = 0, updated_at = ?,"
+            " attempts = max(attempts - ?, 0) WHERE id = ?",
+            [(c.due_at, c.reason, c.esp, now, int(c.refund), c.message_id) for c in again],
         )
         conn.executemany(
             "INSERT INTO events (message_id, time, type, esp, detail, attempt)"
@@ -189,6 +193,92 @@ def _release(conn: sqlite3.Connection, ids: Sequence[str] | None, now: float) ->
             [(now, i) for i in ids],
         )
         return len(ids)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequeueFilter:
+    """Which finished messages a filtered Requeue puts back; times are when they ended."""
+
+    state: int = FAILED  # FAILED or SUPPRESSED
+    template_id: str = ""
+    esp: str = ""
+    ended_after: float | None = None  # inclusive
+    ended_before: float | None = None  # exclusive
+
+
+_EV = delivery_pb2
+# Webhook events saying the message reached (or hard-bounced at) its recipient: after a timed
+# out call the lane may record FAILED for a message the ESP sent, and a requeue would send it
+# twice. (A webhook REJECTED or a soft bounce does not count: the message stays requeueable.)
+_REACHED = (
+    "EXISTS (SELECT 1 FROM events e WHERE e.message_id = m.id"
+    " AND e.provider_event_id IS NOT NULL AND (e.type IN"
+    f" ({_EV.EVENT_TYPE_DELIVERED}, {_EV.EVENT_TYPE_OPENED}, {_EV.EVENT_TYPE_CLICKED},"
+    f" {_EV.EVENT_TYPE_UNSUBSCRIBED}, {_EV.EVENT_TYPE_COMPLAINED})"
+    f" OR (e.type = {_EV.EVENT_TYPE_BOUNCED} AND e.bounce = {_EV.BOUNCE_TYPE_HARD})))"
+)
+REQUEUED_DETAIL = "requeued"
+
+
+def _put_back(conn: sqlite3.Connection, ids: Sequence[str], now: float) -> None:
+    """Queue finished messages again, due now, as if never attempted; their history says so."""
+    conn.executemany(
+        f"UPDATE messages SET state = {QUEUED}, due_at = ?, lease_until = 0, attempts = 0,"
+        " esp = '', esp_message_id = '', reason = '', updated_at = ? WHERE id = ?",
+        [(now, now, i) for i in ids],
+    )
+    conn.executemany(
+        "INSERT INTO events (message_id, time, type, detail) VALUES (?, ?, ?, ?)",
+        [(i, now, _EV.EVENT_TYPE_QUEUED, REQUEUED_DETAIL) for i in ids],
+    )
+
+
+def _requeue_ids(conn: sqlite3.Connection, ids: Sequence[str], now: float) -> list[SwuError | None]:
+    """Per id: None when it was put back, else why not (NOT_FOUND or FAILED_PRECONDITION)."""
+    out: list[SwuError | None] = []
+    with transaction(conn):
+        for message_id in ids:
+            row = conn.execute(
+                f"SELECT m.state, {_REACHED} FROM messages m WHERE m.id = ?", (message_id,)
+            ).fetchone()
+            if row is None:
+                out.append(NotFound(f"no message {message_id!r}"))
+            elif row[0] not in (FAILED, SUPPRESSED):
+                name = delivery_pb2.MessageState.Name(row[0]).removeprefix("MESSAGE_STATE_")
+                out.append(FailedPrecondition(f"message is {name}, not FAILED or SUPPRESSED"))
+            elif row[1]:
+                out.append(FailedPrecondition("the ESP reported that it reached the recipient"))
+            else:
+                _put_back(conn, [message_id], now)
+                out.append(None)
+    return out
+
+
+def _requeue_matching(
+    conn: sqlite3.Connection, wanted: RequeueFilter, limit: int, now: float
+) -> int:
+    where: list[str] = ["m.state = ?", f"NOT {_REACHED}"]
+    args: list[int | float | str] = [wanted.state]
+    for clause, value in (
+        ("m.template_id = ?", wanted.template_id or None),
+        ("m.esp = ?", wanted.esp or None),
+        ("m.updated_at >= ?", wanted.ended_after),
+        ("m.updated_at < ?", wanted.ended_before),
+    ):
+        if value is not None:
+            where.append(clause)
+            args.append(value)
+    with transaction(conn):
+        ids = [
+            row[0]
+            for row in conn.execute(
+                f"SELECT m.id FROM messages m WHERE {' AND '.join(where)}"
+                " ORDER BY m.updated_at LIMIT ?",
+                (*args, limit),
+            )
+        ]
+        _put_back(conn, ids, now)
+    return len(ids)
 
 
 def _suppressed(conn: sqlite3.Connection, recipients: list[str]) -> dict[str, tuple[str, int]]:
@@ -249,6 +339,20 @@ class Outbox:
 
     async def prune_idempotency_keys(self) -> int:
         return await self.db.run(_prune_keys, time.time() - self.idempotency_ttl)
+
+    async def requeue(self, ids: Sequence[str]) -> list[SwuError | None]:
+        """Put FAILED or SUPPRESSED messages back in the queue; per id None or why not."""
+        out = await self.db.run(_requeue_ids, ids, time.time())
+        if self.on_record is not None and None in out:
+            self.on_record()
+        return out
+
+    async def requeue_matching(self, wanted: RequeueFilter, limit: int) -> int:
+        """Put back up to `limit` messages matching `wanted`, those that ended first first."""
+        count = await self.db.run(_requeue_matching, wanted, limit, time.time())
+        if self.on_record is not None and count:
+            self.on_record()
+        return count
 
     async def depth(self) -> int:
         return await self.db.run(_depth)
