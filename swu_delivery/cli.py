@@ -13,6 +13,10 @@
     swu-delivery events [--cursor C] [--esp A] [--template T] [--type bounced] [--limit N]
     swu-delivery stats TEMPLATE_ID
     swu-delivery render --template ID [--data JSON | --data-file FILE] [--locale L]
+    swu-delivery suppression add EMAIL... [--reason manual|unsubscribe|...] [--note T] [--replace]
+    swu-delivery suppression remove EMAIL... | check EMAIL... | list [--reason R] [--prefix P]
+    swu-delivery requeue ID...
+    swu-delivery requeue --template T [--esp E] [--since ISO] [--until ISO] [--state S] [--limit N]
 
 Client commands take `--target HOST:PORT` (default: $SWU_TARGET, else 127.0.0.1:50051) and print
 JSON on stdout. Exit codes: 0 ok, 1 a call failed or an item was rejected, 2 bad usage or config.
@@ -458,7 +462,7 @@ def _summary(report: BulkReport, emails: JsonLinesEmails) -> dict[str, Any]:
 
 # --- status, render -------------------------------------------------------------------------
 
-_ENUM_PREFIXES = ("MESSAGE_STATE_", "EVENT_TYPE_", "BOUNCE_TYPE_")
+_ENUM_PREFIXES = ("MESSAGE_STATE_", "EVENT_TYPE_", "BOUNCE_TYPE_", "SUPPRESSION_REASON_")
 
 
 def _short_enums(value: Any) -> Any:
@@ -507,6 +511,72 @@ def _render(args: argparse.Namespace) -> int:
             args.template, _data(args), locale=args.locale, version=args.version
         )
     _print_json(_to_dict(response))
+    return 0
+
+
+# --- suppression, requeue ------------------------------------------------------------------
+
+
+def _suppression_add(args: argparse.Namespace) -> int:
+    with Client(args.target) as client:
+        results = client.add_suppressions(
+            args.emails, reason=args.reason, note=args.note, replace=args.replace
+        )
+    _print_json([_short_enums(_to_dict(r)) for r in results])
+    return 1 if any(r.HasField("error") for r in results) else 0
+
+
+def _suppression_remove(args: argparse.Namespace) -> int:
+    with Client(args.target) as client:
+        removed = client.remove_suppressions(args.emails)
+    _print_json({"removed": [_short_enums(_to_dict(e)) for e in removed]})
+    return 0
+
+
+def _suppression_list(args: argparse.Namespace) -> int:
+    with Client(args.target) as client:
+        entries = client.list_suppressions(reason=args.reason, email_prefix=args.prefix)
+    _print_json([_short_enums(_to_dict(e)) for e in entries])
+    return 0
+
+
+def _suppression_check(args: argparse.Namespace) -> int:
+    with Client(args.target) as client:
+        results = client.check_suppressions(args.emails)
+    _print_json([_short_enums(_to_dict(r)) for r in results])
+    return 0
+
+
+def _time_flag(text: str | None, flag: str) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"{flag}: not an ISO 8601 time: {text!r}") from None
+
+
+def _requeue(args: argparse.Namespace) -> int:
+    filtered = any(v is not None for v in (args.template, args.esp, args.since, args.until))
+    if args.ids:
+        if filtered or args.limit or args.state:
+            raise UsageError("requeue: give message ids or filter flags, not both")
+        with Client(args.target) as client:
+            results = client.requeue(args.ids)
+        _print_json([_to_dict(r) for r in results])
+        return 0 if all(r.requeued for r in results) else 1
+    if not filtered:
+        raise UsageError("requeue: give message ids, or --template, --esp, --since or --until")
+    with Client(args.target) as client:
+        count = client.requeue_matching(
+            template_id=args.template or "",
+            esp=args.esp or "",
+            state=args.state or "failed",
+            failed_after=_time_flag(args.since, "--since"),
+            failed_before=_time_flag(args.until, "--until"),
+            limit=args.limit,
+        )
+    _print_json({"requeued": count})
     return 0
 
 
@@ -565,6 +635,46 @@ def _add_template_commands(sub: Any, target: argparse.ArgumentParser) -> None:
     activate.set_defaults(func=_template_activate)
 
 
+def _add_suppression_commands(sub: Any, target: argparse.ArgumentParser) -> None:
+    parser = sub.add_parser("suppression", help="manage the suppression list")
+    ssub = parser.add_subparsers(dest="suppression_command", required=True, metavar="COMMAND")
+    reasons = ["hard_bounce", "complaint", "unsubscribe", "manual"]
+
+    add = ssub.add_parser("add", parents=[target], help="suppress addresses")
+    add.add_argument("emails", nargs="+", metavar="EMAIL")
+    add.add_argument("--reason", choices=reasons, default="manual")
+    add.add_argument("--note", default="", help="free text kept with each entry")
+    add.add_argument("--replace", action="store_true", help="overwrite existing entries")
+    add.set_defaults(func=_suppression_add)
+
+    remove = ssub.add_parser("remove", parents=[target], help="take addresses off the list")
+    remove.add_argument("emails", nargs="+", metavar="EMAIL")
+    remove.set_defaults(func=_suppression_remove)
+
+    listing = ssub.add_parser("list", parents=[target], help="list entries by address")
+    listing.add_argument("--reason", choices=reasons)
+    listing.add_argument("--prefix", default="", help="addresses starting with this text")
+    listing.set_defaults(func=_suppression_list)
+
+    check = ssub.add_parser("check", parents=[target], help="are these addresses suppressed?")
+    check.add_argument("emails", nargs="+", metavar="EMAIL")
+    check.set_defaults(func=_suppression_check)
+
+
+def _add_requeue_command(sub: Any, target: argparse.ArgumentParser) -> None:
+    requeue = sub.add_parser(
+        "requeue", parents=[target], help="queue failed messages again, by id or by filter"
+    )
+    requeue.add_argument("ids", nargs="*", metavar="ID")
+    requeue.add_argument("--template", metavar="ID")
+    requeue.add_argument("--esp", metavar="ACCOUNT")
+    requeue.add_argument("--since", metavar="ISO8601", help="ended at or after (naive: UTC)")
+    requeue.add_argument("--until", metavar="ISO8601", help="ended before (naive: UTC)")
+    requeue.add_argument("--state", choices=["failed", "suppressed"], help="default: failed")
+    requeue.add_argument("--limit", type=_positive, default=0, help="default 1000")
+    requeue.set_defaults(func=_requeue)
+
+
 def _add_send_command(sub: Any, target: argparse.ArgumentParser) -> None:
     send = sub.add_parser("send", parents=[target], help="send one email, or a JSON-lines file")
     one = send.add_argument_group("one email")
@@ -620,6 +730,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_template_commands(sub, target)
     _add_send_command(sub, target)
+    _add_suppression_commands(sub, target)
+    _add_requeue_command(sub, target)
 
     status = sub.add_parser("status", parents=[target], help="show a message's state and events")
     status.add_argument("message_id")

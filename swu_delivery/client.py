@@ -33,7 +33,7 @@ from collections.abc import (
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar, cast
 
 import grpc
 import grpc.aio
@@ -43,6 +43,8 @@ from swu_delivery._proto.swu.delivery.v1 import (
     common_pb2,
     delivery_pb2,
     delivery_pb2_grpc,
+    suppression_pb2,
+    suppression_pb2_grpc,
     template_pb2,
     template_pb2_grpc,
 )
@@ -144,30 +146,36 @@ def _attachment(value: AttachmentLike) -> delivery_pb2.Attachment:
     return delivery_pb2.Attachment(filename=filename, content_type=content_type, content=content)
 
 
-def _priority(value: int | str) -> delivery_pb2.Priority.ValueType:
-    """A Priority from its number, its name, or its short name ("bulk", "transactional")."""
+class _ProtoEnum(Protocol):
+    def Value(self, name: str) -> int: ...  # protobuf's own method name
+    def values(self) -> list[Any]: ...
+
+
+def _enum_value(enum: _ProtoEnum, prefix: str, value: int | str, field: str) -> int:
+    """A value of `enum` from its number, its name, or its short name ("bulk", "hard-bounce")."""
     if isinstance(value, str):
-        upper = value.upper()
-        return delivery_pb2.Priority.Value(
-            upper if upper.startswith("PRIORITY_") else f"PRIORITY_{upper}"
-        )
-    for known in delivery_pb2.Priority.values():
-        if known == value:
-            return known
-    raise ValueError(f"priority: unknown value {value}")
+        upper = value.upper().replace("-", "_")
+        try:
+            return enum.Value(upper if upper.startswith(prefix) else prefix + upper)
+        except ValueError:
+            raise ValueError(f"{field}: unknown value {value}") from None
+    if value in enum.values():
+        return int(value)
+    raise ValueError(f"{field}: unknown value {value}")
+
+
+def _priority(value: int | str) -> delivery_pb2.Priority.ValueType:
+    return cast(
+        "delivery_pb2.Priority.ValueType",
+        _enum_value(delivery_pb2.Priority, "PRIORITY_", value, "priority"),
+    )
 
 
 def _event_type(value: int | str) -> delivery_pb2.EventType.ValueType:
-    """An EventType from its number, its name, or its short name ("bounced")."""
-    if isinstance(value, str):
-        upper = value.upper()
-        return delivery_pb2.EventType.Value(
-            upper if upper.startswith("EVENT_TYPE_") else f"EVENT_TYPE_{upper}"
-        )
-    for known in delivery_pb2.EventType.values():
-        if known == value:
-            return known
-    raise ValueError(f"event type: unknown value {value}")
+    return cast(
+        "delivery_pb2.EventType.ValueType",
+        _enum_value(delivery_pb2.EventType, "EVENT_TYPE_", value, "event type"),
+    )
 
 
 def _watch_request(
@@ -321,6 +329,77 @@ def _next_page(
     return template_pb2.ListTemplatesRequest(
         page_size=request.page_size, page_token=response.next_page_token
     )
+
+
+def _suppression_reason(value: int | str) -> suppression_pb2.SuppressionReason.ValueType:
+    return cast(
+        "suppression_pb2.SuppressionReason.ValueType",
+        _enum_value(
+            suppression_pb2.SuppressionReason, "SUPPRESSION_REASON_", value, "suppression reason"
+        ),
+    )
+
+
+def _message_state(value: int | str) -> delivery_pb2.MessageState.ValueType:
+    return cast(
+        "delivery_pb2.MessageState.ValueType",
+        _enum_value(delivery_pb2.MessageState, "MESSAGE_STATE_", value, "message state"),
+    )
+
+
+def _add_suppression_request(
+    emails: Iterable[str], reason: int | str, note: str, replace: bool
+) -> suppression_pb2.AddSuppressionRequest:
+    kind = _suppression_reason(reason)
+    return suppression_pb2.AddSuppressionRequest(
+        entries=[suppression_pb2.SuppressionEntry(email=e, reason=kind, note=note) for e in emails],
+        replace=replace,
+    )
+
+
+def _list_suppressions_request(
+    reason: int | str | None, email_prefix: str, page_size: int
+) -> suppression_pb2.ListSuppressionsRequest:
+    request = suppression_pb2.ListSuppressionsRequest(
+        page_size=page_size, email_prefix=email_prefix
+    )
+    if reason is not None:
+        request.reason = _suppression_reason(reason)
+    return request
+
+
+def _next_suppression_page(
+    request: suppression_pb2.ListSuppressionsRequest,
+    response: suppression_pb2.ListSuppressionsResponse,
+) -> suppression_pb2.ListSuppressionsRequest | None:
+    """The request for the page after `response`, or None after the last page."""
+    if not response.next_page_token:
+        return None
+    following = suppression_pb2.ListSuppressionsRequest()
+    following.CopyFrom(request)
+    following.page_token = response.next_page_token
+    return following
+
+
+def _requeue_filter_request(
+    template_id: str,
+    esp: str,
+    state: int | str,
+    failed_after: datetime | None,
+    failed_before: datetime | None,
+    limit: int,
+) -> delivery_pb2.RequeueRequest:
+    """A filtered Requeue; naive datetimes are taken as UTC."""
+    request = delivery_pb2.RequeueRequest(limit=limit)
+    request.filter.SetInParent()  # present even when every field is empty (the server refuses it)
+    request.filter.state = _message_state(state)
+    request.filter.template_id = template_id
+    request.filter.esp = esp
+    if failed_after is not None:
+        request.filter.failed_after.FromDatetime(failed_after)
+    if failed_before is not None:
+        request.filter.failed_before.FromDatetime(failed_before)
+    return request
 
 
 # --- bulk results ---------------------------------------------------------------------------
@@ -493,6 +572,7 @@ class AsyncClient:
         self.timeout = timeout  # per unary call; streams have no deadline
         self._delivery = delivery_pb2_grpc.DeliveryServiceStub(self.channel)
         self._templates = template_pb2_grpc.TemplateServiceStub(self.channel)
+        self._suppressions = suppression_pb2_grpc.SuppressionServiceStub(self.channel)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -759,6 +839,65 @@ class AsyncClient:
         )
         return (await self._unary(self._templates.ActivateTemplateVersion, request)).template
 
+    # suppression list and requeue
+
+    async def add_suppressions(
+        self,
+        emails: Iterable[str],
+        *,
+        reason: int | str = "manual",
+        note: str = "",
+        replace: bool = False,
+    ) -> list[suppression_pb2.AddSuppressionResult]:
+        """Suppress up to 1000 addresses; one result per address, a bad one refused alone."""
+        request = _add_suppression_request(emails, reason, note, replace)
+        return list((await self._unary(self._suppressions.AddSuppression, request)).results)
+
+    async def remove_suppressions(self, emails: Iterable[str]) -> list[suppression_pb2.Suppression]:
+        """Take up to 1000 addresses off the list; returns the entries that were removed."""
+        request = suppression_pb2.RemoveSuppressionRequest(emails=list(emails))
+        return list((await self._unary(self._suppressions.RemoveSuppression, request)).removed)
+
+    async def list_suppressions(
+        self, *, reason: int | str | None = None, email_prefix: str = "", page_size: int = 0
+    ) -> AsyncIterator[suppression_pb2.Suppression]:
+        """Every entry (of `reason`, starting with `email_prefix`), by address, following pages."""
+        request: suppression_pb2.ListSuppressionsRequest | None
+        request = _list_suppressions_request(reason, email_prefix, page_size)
+        while request is not None:
+            response = await self._unary(self._suppressions.ListSuppressions, request)
+            for entry in response.suppressions:
+                yield entry
+            request = _next_suppression_page(request, response)
+
+    async def check_suppressions(
+        self, emails: Iterable[str]
+    ) -> list[suppression_pb2.CheckSuppressionResult]:
+        """For up to 1000 addresses: suppressed or not, with the entry."""
+        request = suppression_pb2.CheckSuppressionRequest(emails=list(emails))
+        return list((await self._unary(self._suppressions.CheckSuppression, request)).results)
+
+    async def requeue(self, message_ids: Iterable[str]) -> list[delivery_pb2.RequeueResult]:
+        """Queue FAILED or SUPPRESSED messages again (up to 1000 ids); one result per id."""
+        request = delivery_pb2.RequeueRequest(message_ids=list(message_ids))
+        return list((await self._unary(self._delivery.Requeue, request)).results)
+
+    async def requeue_matching(
+        self,
+        *,
+        template_id: str = "",
+        esp: str = "",
+        state: int | str = "failed",
+        failed_after: datetime | None = None,
+        failed_before: datetime | None = None,
+        limit: int = 0,
+    ) -> int:
+        """Queue again up to `limit` messages matching the filter; returns how many."""
+        request = _requeue_filter_request(
+            template_id, esp, state, failed_after, failed_before, limit
+        )
+        return (await self._unary(self._delivery.Requeue, request)).requeued
+
 
 # --- sync client ----------------------------------------------------------------------------
 
@@ -828,6 +967,7 @@ class Client:
         self.timeout = timeout  # per unary call; streams have no deadline
         self._delivery = delivery_pb2_grpc.DeliveryServiceStub(self.channel)
         self._templates = template_pb2_grpc.TemplateServiceStub(self.channel)
+        self._suppressions = suppression_pb2_grpc.SuppressionServiceStub(self.channel)
 
     def __enter__(self) -> Client:
         return self
@@ -1064,3 +1204,63 @@ class Client:
             template_id=template_id, version=version
         )
         return self._unary(self._templates.ActivateTemplateVersion, request).template
+
+    # suppression list and requeue
+
+    def add_suppressions(
+        self,
+        emails: Iterable[str],
+        *,
+        reason: int | str = "manual",
+        note: str = "",
+        replace: bool = False,
+    ) -> list[suppression_pb2.AddSuppressionResult]:
+        """Suppress up to 1000 addresses; one result per address, a bad one refused alone."""
+        request = _add_suppression_request(emails, reason, note, replace)
+        return list((self._unary(self._suppressions.AddSuppression, request)).results)
+
+    def remove_suppressions(self, emails: Iterable[str]) -> list[suppression_pb2.Suppression]:
+        """Take up to 1000 addresses off the list; returns the entries that were removed."""
+        request = suppression_pb2.RemoveSuppressionRequest(emails=list(emails))
+        return list((self._unary(self._suppressions.RemoveSuppression, request)).removed)
+
+    def list_suppressions(
+        self, *, reason: int | str | None = None, email_prefix: str = "", page_size: int = 0
+    ) -> list[suppression_pb2.Suppression]:
+        """Every entry (of `reason`, starting with `email_prefix`), by address, following pages."""
+        entries: list[suppression_pb2.Suppression] = []
+        request: suppression_pb2.ListSuppressionsRequest | None
+        request = _list_suppressions_request(reason, email_prefix, page_size)
+        while request is not None:
+            response = self._unary(self._suppressions.ListSuppressions, request)
+            entries.extend(response.suppressions)
+            request = _next_suppression_page(request, response)
+        return entries
+
+    def check_suppressions(
+        self, emails: Iterable[str]
+    ) -> list[suppression_pb2.CheckSuppressionResult]:
+        """For up to 1000 addresses: suppressed or not, with the entry."""
+        request = suppression_pb2.CheckSuppressionRequest(emails=list(emails))
+        return list((self._unary(self._suppressions.CheckSuppression, request)).results)
+
+    def requeue(self, message_ids: Iterable[str]) -> list[delivery_pb2.RequeueResult]:
+        """Queue FAILED or SUPPRESSED messages again (up to 1000 ids); one result per id."""
+        request = delivery_pb2.RequeueRequest(message_ids=list(message_ids))
+        return list((self._unary(self._delivery.Requeue, request)).results)
+
+    def requeue_matching(
+        self,
+        *,
+        template_id: str = "",
+        esp: str = "",
+        state: int | str = "failed",
+        failed_after: datetime | None = None,
+        failed_before: datetime | None = None,
+        limit: int = 0,
+    ) -> int:
+        """Queue again up to `limit` messages matching the filter; returns how many."""
+        request = _requeue_filter_request(
+            template_id, esp, state, failed_after, failed_before, limit
+        )
+        return (self._unary(self._delivery.Requeue, request)).requeued

@@ -20,7 +20,7 @@ __all__ = ["Database", "transaction"]
 P = ParamSpec("P")
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: suppressions.note
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS templates (
     template_id    TEXT PRIMARY KEY,
@@ -83,13 +83,14 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_message ON events (message_id, seq);
 CREATE UNIQUE INDEX IF NOT EXISTS events_provider ON events (esp, provider_event_id)
     WHERE provider_event_id IS NOT NULL;
--- Recipients never to send to again; webhooks add hard bounces and complaints.
+-- Recipients never to send to again; webhooks add hard bounces and complaints, callers any.
 CREATE TABLE IF NOT EXISTS suppressions (
     recipient  TEXT PRIMARY KEY,        -- lower-cased address
-    reason     TEXT NOT NULL,           -- hard_bounce | complaint
+    reason     TEXT NOT NULL,           -- hard_bounce | complaint | unsubscribe | manual
     esp        TEXT NOT NULL DEFAULT '',
-    event_seq  INTEGER NOT NULL DEFAULT 0,  -- the event that added it
-    created_at REAL NOT NULL
+    event_seq  INTEGER NOT NULL DEFAULT 0,  -- the event that added it; 0 = added by a caller
+    created_at REAL NOT NULL,
+    note       TEXT NOT NULL DEFAULT ''
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS idempotency (
     key        TEXT PRIMARY KEY,
@@ -98,6 +99,18 @@ CREATE TABLE IF NOT EXISTS idempotency (
     created_at REAL NOT NULL
 ) WITHOUT ROWID;
 """
+
+
+# Columns added after a table was first released: (table, column, definition). A data
+# directory from an older release gets them on open (CREATE TABLE IF NOT EXISTS skips the table).
+ADDED_COLUMNS = (("suppressions", "note", "TEXT NOT NULL DEFAULT ''"),)
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    for table, column, definition in ADDED_COLUMNS:
+        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in present:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
 
 @contextmanager
@@ -133,6 +146,7 @@ class Database:
         if version > SCHEMA_VERSION:
             raise RuntimeError(f"{self.path}: schema {version} is newer than this release")
         conn.executescript(SCHEMA)
+        _add_missing_columns(conn)
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._conn = conn
 

@@ -128,7 +128,8 @@ def _store(
             reason = _suppression_reason(e)
             if reason and e.recipient:
                 suppressed += conn.execute(
-                    "INSERT OR IGNORE INTO suppressions VALUES (?, ?, ?, ?, ?)",
+                    "INSERT OR IGNORE INTO suppressions (recipient, reason, esp, event_seq,"
+                    " created_at) VALUES (?, ?, ?, ?, ?)",
                     (e.recipient.lower(), reason, esp, cur.lastrowid, now),
                 ).rowcount
     return StoreResult(stored, len(events) - stored, suppressed)

@@ -12,6 +12,7 @@ import orjson
 from swu_delivery._proto.swu.delivery.v1 import common_pb2, delivery_pb2
 from swu_delivery.errors import AlreadyExists, SwuError, TemplateRenderError, Unavailable
 from swu_delivery.outbox import NewMessage, Outbox
+from swu_delivery.requeue import requeue
 from swu_delivery.sandbox import TemplateEngine
 from swu_delivery.templates import TemplateCache, TemplateStore
 from swu_delivery.validation import validate_batch_size, validate_email
@@ -142,6 +143,15 @@ class Intake:
                     )
             self.on_accepted()
         return [r for r in results if r is not None]
+
+    async def requeue(self, request: delivery_pb2.RequeueRequest) -> delivery_pb2.RequeueResponse:
+        """Put finished messages back in the queue and wake the lane, as an accept does."""
+        if self.draining:
+            raise Unavailable("the service is shutting down; retry on another instance")
+        response = await requeue(self.outbox, request)
+        if response.requeued:
+            self.on_accepted()
+        return response
 
     async def render_check(self, email: delivery_pb2.Email, version: int) -> None:
         """Render now, so a caller who asked for it learns of render errors at accept time."""

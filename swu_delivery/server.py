@@ -26,6 +26,8 @@ from adapters.base import Adapter, AdapterError
 from swu_delivery._proto.swu.delivery.v1 import (
     delivery_pb2,
     delivery_pb2_grpc,
+    suppression_pb2,
+    suppression_pb2_grpc,
     template_pb2,
     template_pb2_grpc,
 )
@@ -37,7 +39,8 @@ from swu_delivery.intake import Intake
 from swu_delivery.ledger import Ledger
 from swu_delivery.outbox import Outbox
 from swu_delivery.sandbox import TemplateEngine
-from swu_delivery.servicers import DeliveryServicer, TemplateServicer
+from swu_delivery.servicers import DeliveryServicer, SuppressionServicer, TemplateServicer
+from swu_delivery.suppressions import SuppressionStore
 from swu_delivery.templates import TemplateCache, TemplateStore
 from swu_delivery.webhooks.server import WebhookServer, build_receivers
 
@@ -48,6 +51,7 @@ log = logging.getLogger("swu_delivery")
 SERVICE_NAMES = (
     delivery_pb2.DESCRIPTOR.services_by_name["DeliveryService"].full_name,
     template_pb2.DESCRIPTOR.services_by_name["TemplateService"].full_name,
+    suppression_pb2.DESCRIPTOR.services_by_name["SuppressionService"].full_name,
 )
 HOUSEKEEPING_SECONDS = 3600.0
 GC_GEN0_THRESHOLD = 50_000  # allocations between young-generation collections (default 700)
@@ -78,6 +82,7 @@ class Service:
             self.db, idempotency_ttl=config.idempotency_ttl, on_record=self.hub.notify
         )
         self.ledger = Ledger(self.db)
+        self.suppressions = SuppressionStore(self.db)
         self.webhooks: WebhookServer | None = None
         self.adapters: dict[str, Adapter] = {}
         self.dispatcher: Dispatcher | None = None
@@ -144,6 +149,9 @@ class Service:
         )
         template_pb2_grpc.add_TemplateServiceServicer_to_server(
             TemplateServicer(self.store), server
+        )
+        suppression_pb2_grpc.add_SuppressionServiceServicer_to_server(
+            SuppressionServicer(self.suppressions), server
         )
         _add_health(server, self.health)
         _add_reflection(server)

@@ -12,6 +12,8 @@ import grpc
 from swu_delivery._proto.swu.delivery.v1 import (
     delivery_pb2,
     delivery_pb2_grpc,
+    suppression_pb2,
+    suppression_pb2_grpc,
     template_pb2,
     template_pb2_grpc,
 )
@@ -20,10 +22,11 @@ from swu_delivery.events import EventStore
 from swu_delivery.intake import Intake
 from swu_delivery.ledger import Ledger
 from swu_delivery.sandbox import TemplateEngine
+from swu_delivery.suppressions import SuppressionStore
 from swu_delivery.templates import TemplateCache, TemplateStore, check_template_id
 from swu_delivery.validation import parse_data
 
-__all__ = ["DeliveryServicer", "TemplateServicer"]
+__all__ = ["DeliveryServicer", "SuppressionServicer", "TemplateServicer"]
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +165,12 @@ class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
         check_template_id(request.template_id)
         return await self.events.template_stats(request.template_id)
 
+    @unary
+    async def Requeue(
+        self, request: delivery_pb2.RequeueRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> delivery_pb2.RequeueResponse:
+        return await self.intake.requeue(request)
+
 
 class TemplateServicer(template_pb2_grpc.TemplateServiceServicer):
     def __init__(self, store: TemplateStore) -> None:
@@ -228,3 +237,40 @@ class TemplateServicer(template_pb2_grpc.TemplateServiceServicer):
     ) -> template_pb2.ActivateTemplateVersionResponse:
         template = await self.store.activate(request.template_id, request.version)
         return template_pb2.ActivateTemplateVersionResponse(template=template)
+
+
+class SuppressionServicer(suppression_pb2_grpc.SuppressionServiceServicer):
+    def __init__(self, store: SuppressionStore) -> None:
+        self.store = store
+
+    @unary
+    async def AddSuppression(
+        self,
+        request: suppression_pb2.AddSuppressionRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> suppression_pb2.AddSuppressionResponse:
+        return await self.store.add(request)
+
+    @unary
+    async def RemoveSuppression(
+        self,
+        request: suppression_pb2.RemoveSuppressionRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> suppression_pb2.RemoveSuppressionResponse:
+        return await self.store.remove(request)
+
+    @unary
+    async def ListSuppressions(
+        self,
+        request: suppression_pb2.ListSuppressionsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> suppression_pb2.ListSuppressionsResponse:
+        return await self.store.page(request)
+
+    @unary
+    async def CheckSuppression(
+        self,
+        request: suppression_pb2.CheckSuppressionRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> suppression_pb2.CheckSuppressionResponse:
+        return await self.store.check(request)

@@ -37,6 +37,7 @@ __all__ = [
     "MAX_HEADERS",
     "MAX_RECIPIENTS",
     "check_address",
+    "check_bare_address",
     "check_header_name",
     "check_header_text",
     "parse_data",
@@ -203,6 +204,12 @@ def _address_problem(email: str) -> str | None:
         return _too_long(length, MAX_ADDRESS, "octets once IDNA-encoded")
     # Only IDN addresses get here valid; an ASCII one the fast regex refused is still refused.
     return "not a valid address" if email.isascii() else None
+
+
+def check_bare_address(email: str, field: str) -> None:
+    """Refuse anything but one strict bare address (``local@domain``), naming `field` itself."""
+    if problem := _address_problem(email):
+        raise InvalidArgument(problem, field=field)
 
 
 def check_address(email: str, name: str, field: str) -> None:

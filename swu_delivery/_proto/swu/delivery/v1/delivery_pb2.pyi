@@ -891,3 +891,140 @@ class GetTemplateStatsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetTemplateStatsResponse: _TypeAlias = GetTemplateStatsResponse  # noqa: Y015
+
+@_typing.final
+class RequeueFilter(_message.Message):
+    """Which finished messages a filtered Requeue moves back to the queue. At least one of
+    template_id, esp, failed_after and failed_before must be set.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    TEMPLATE_ID_FIELD_NUMBER: _builtins.int
+    ESP_FIELD_NUMBER: _builtins.int
+    FAILED_AFTER_FIELD_NUMBER: _builtins.int
+    FAILED_BEFORE_FIELD_NUMBER: _builtins.int
+    state: Global___MessageState.ValueType
+    """MESSAGE_STATE_FAILED (the default when UNSPECIFIED) or MESSAGE_STATE_SUPPRESSED."""
+    template_id: _builtins.str
+    """Only messages of this template."""
+    esp: _builtins.str
+    """Only messages whose last attempt went to this ESP account."""
+    @_builtins.property
+    def failed_after(self) -> _timestamp_pb2.Timestamp:
+        """Only messages that ended at or after this time."""
+
+    @_builtins.property
+    def failed_before(self) -> _timestamp_pb2.Timestamp:
+        """Only messages that ended before this time."""
+
+    def __init__(
+        self,
+        *,
+        state: Global___MessageState.ValueType = ...,
+        template_id: _builtins.str = ...,
+        esp: _builtins.str = ...,
+        failed_after: _timestamp_pb2.Timestamp | None = ...,
+        failed_before: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["failed_after", b"failed_after", "failed_before", b"failed_before"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["esp", b"esp", "failed_after", b"failed_after", "failed_before", b"failed_before", "state", b"state", "template_id", b"template_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequeueFilter: _TypeAlias = RequeueFilter  # noqa: Y015
+
+@_typing.final
+class RequeueRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_IDS_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """With filter: requeue at most this many, oldest first; 0 means 1000, at most 100000."""
+    @_builtins.property
+    def message_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Set either message_ids (1 to 1000) or filter, not both."""
+
+    @_builtins.property
+    def filter(self) -> Global___RequeueFilter: ...
+    def __init__(
+        self,
+        *,
+        message_ids: _abc.Iterable[_builtins.str] | None = ...,
+        filter: Global___RequeueFilter | None = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "limit", b"limit", "message_ids", b"message_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequeueRequest: _TypeAlias = RequeueRequest  # noqa: Y015
+
+@_typing.final
+class RequeueResult(_message.Message):
+    """The outcome of requeueing one id."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    REQUEUED_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Position of the id in the request."""
+    message_id: _builtins.str
+    requeued: _builtins.bool
+    """True when the message is queued again."""
+    @_builtins.property
+    def error(self) -> _common_pb2.ItemError:
+        """Set when not requeued: NOT_FOUND, or FAILED_PRECONDITION when the message is not FAILED or
+        SUPPRESSED (or the ESP reported that it reached the recipient).
+        """
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        message_id: _builtins.str = ...,
+        requeued: _builtins.bool = ...,
+        error: _common_pb2.ItemError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "index", b"index", "message_id", b"message_id", "requeued", b"requeued"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequeueResult: _TypeAlias = RequeueResult  # noqa: Y015
+
+@_typing.final
+class RequeueResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    REQUEUED_FIELD_NUMBER: _builtins.int
+    requeued: _builtins.int
+    """How many messages were queued again."""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___RequeueResult]:
+        """With message_ids: one result per id, in the same order. Empty with filter."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___RequeueResult] | None = ...,
+        requeued: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requeued", b"requeued", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequeueResponse: _TypeAlias = RequeueResponse  # noqa: Y015

@@ -70,6 +70,11 @@ class DeliveryServiceStub:
                 request_serializer=swu_dot_delivery_dot_v1_dot_delivery__pb2.GetTemplateStatsRequest.SerializeToString,
                 response_deserializer=swu_dot_delivery_dot_v1_dot_delivery__pb2.GetTemplateStatsResponse.FromString,
                 _registered_method=True)
+        self.Requeue = channel.unary_unary(
+                '/swu.delivery.v1.DeliveryService/Requeue',
+                request_serializer=swu_dot_delivery_dot_v1_dot_delivery__pb2.RequeueRequest.SerializeToString,
+                response_deserializer=swu_dot_delivery_dot_v1_dot_delivery__pb2.RequeueResponse.FromString,
+                _registered_method=True)
 
 
 class DeliveryServiceServicer:
@@ -127,6 +132,14 @@ class DeliveryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Requeue(self, request, context):
+        """Put messages that ended FAILED (or SUPPRESSED) back in the queue, due now, with their
+        attempts reset to 0: by id (a result per id) or by filter (a count).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeliveryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +177,11 @@ def add_DeliveryServiceServicer_to_server(servicer, server):
                     servicer.GetTemplateStats,
                     request_deserializer=swu_dot_delivery_dot_v1_dot_delivery__pb2.GetTemplateStatsRequest.FromString,
                     response_serializer=swu_dot_delivery_dot_v1_dot_delivery__pb2.GetTemplateStatsResponse.SerializeToString,
+            ),
+            'Requeue': grpc.unary_unary_rpc_method_handler(
+                    servicer.Requeue,
+                    request_deserializer=swu_dot_delivery_dot_v1_dot_delivery__pb2.RequeueRequest.FromString,
+                    response_serializer=swu_dot_delivery_dot_v1_dot_delivery__pb2.RequeueResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -356,6 +374,33 @@ class DeliveryService:
             '/swu.delivery.v1.DeliveryService/GetTemplateStats',
             swu_dot_delivery_dot_v1_dot_delivery__pb2.GetTemplateStatsRequest.SerializeToString,
             swu_dot_delivery_dot_v1_dot_delivery__pb2.GetTemplateStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Requeue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swu.delivery.v1.DeliveryService/Requeue',
+            swu_dot_delivery_dot_v1_dot_delivery__pb2.RequeueRequest.SerializeToString,
+            swu_dot_delivery_dot_v1_dot_delivery__pb2.RequeueResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,10 @@ class DeliveryServiceStub:
     """
     GetTemplateStats: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.GetTemplateStatsRequest, _delivery_pb2.GetTemplateStatsResponse]
     """Per template version: how many messages were sent, delivered, bounced, opened, ..."""
+    Requeue: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.RequeueRequest, _delivery_pb2.RequeueResponse]
+    """Put messages that ended FAILED (or SUPPRESSED) back in the queue, due now, with their
+    attempts reset to 0: by id (a result per id) or by filter (a count).
+    """
 
 @_typing.type_check_only
 class DeliveryServiceAsyncStub(DeliveryServiceStub):
@@ -73,6 +77,10 @@ class DeliveryServiceAsyncStub(DeliveryServiceStub):
     """
     GetTemplateStats: _aio.UnaryUnaryMultiCallable[_delivery_pb2.GetTemplateStatsRequest, _delivery_pb2.GetTemplateStatsResponse]  # type: ignore[assignment]
     """Per template version: how many messages were sent, delivered, bounced, opened, ..."""
+    Requeue: _aio.UnaryUnaryMultiCallable[_delivery_pb2.RequeueRequest, _delivery_pb2.RequeueResponse]  # type: ignore[assignment]
+    """Put messages that ended FAILED (or SUPPRESSED) back in the queue, due now, with their
+    attempts reset to 0: by id (a result per id) or by filter (a count).
+    """
 
 class DeliveryServiceServicer(metaclass=_abc_1.ABCMeta):
     """Accepts templated sends, reports each message's fate, and previews renders."""
@@ -135,5 +143,15 @@ class DeliveryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_delivery_pb2.GetTemplateStatsResponse, _abc.Awaitable[_delivery_pb2.GetTemplateStatsResponse]]:
         """Per template version: how many messages were sent, delivered, bounced, opened, ..."""
+
+    @_abc_1.abstractmethod
+    def Requeue(
+        self,
+        request: _delivery_pb2.RequeueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_delivery_pb2.RequeueResponse, _abc.Awaitable[_delivery_pb2.RequeueResponse]]:
+        """Put messages that ended FAILED (or SUPPRESSED) back in the queue, due now, with their
+        attempts reset to 0: by id (a result per id) or by filter (a count).
+        """
 
 def add_DeliveryServiceServicer_to_server(servicer: DeliveryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
