@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import io
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -21,7 +22,9 @@ from typing import Any, ClassVar, TypeVar
 import aiohttp
 import orjson
 
+from swu_delivery import metrics
 from swu_delivery.config import EspAccount
+from swu_delivery.logs import ESP
 from swu_delivery.ratelimit import AccountLimiter, Deferred, account_limits
 
 T = TypeVar("T")
@@ -40,6 +43,8 @@ __all__ = [
     "SendOutcome",
     "retry_after_seconds",
 ]
+
+log = logging.getLogger("adapters")
 
 
 class AdapterError(Exception):
@@ -64,6 +69,9 @@ class SendOutcome:
     retry_after: float | None = None  # seconds, when the provider said how long to wait
     rate_limited: bool = False  # the provider throttled us (429 or its equivalent)
     deferred: bool = False  # never sent: the account's rate limit had no room in time
+    # The request may have reached the ESP (a timeout or a dropped connection after it was
+    # written): the ESP may have accepted the message, so it must not move to another account.
+    maybe_sent: bool = False
 
     @classmethod
     def sent(cls, esp_message_id: str) -> SendOutcome:
@@ -75,10 +83,19 @@ class SendOutcome:
 
     @classmethod
     def retry(
-        cls, reason: str, *, retry_after: float | None = None, rate_limited: bool = False
+        cls,
+        reason: str,
+        *,
+        retry_after: float | None = None,
+        rate_limited: bool = False,
+        maybe_sent: bool = False,
     ) -> SendOutcome:
         return cls(
-            OutcomeKind.RETRY, reason=reason, retry_after=retry_after, rate_limited=rate_limited
+            OutcomeKind.RETRY,
+            reason=reason,
+            retry_after=retry_after,
+            rate_limited=rate_limited,
+            maybe_sent=maybe_sent,
         )
 
 
@@ -153,6 +170,14 @@ class Adapter(ABC):
     limits: ClassVar[BatchLimits] = BatchLimits()
     option_keys: ClassVar[frozenset[str]] = frozenset()  # provider keys of its [[esp]] table
     counts_recipients: ClassVar[bool] = False  # its quota counts recipients, not messages
+    # Transport errors raised before any of the request left us (no connection was made): the
+    # ESP surely has not got the message. Every other transport error may come after the
+    # request was written, so its outcome is `maybe_sent`.
+    not_sent_errors: ClassVar[tuple[type[BaseException], ...]] = (
+        aiohttp.ClientConnectorError,  # refused, unreachable, DNS, TLS handshake
+        aiohttp.ConnectionTimeoutError,  # connect (or pool) timeout: nothing was written
+        ConnectionRefusedError,
+    )
 
     def __init__(self, account: EspAccount) -> None:
         if unknown := sorted(set(account.options) - self.option_keys):
@@ -226,6 +251,9 @@ class Adapter(ABC):
     async def _paced_call(
         self, call: list[OutboundEmail], horizon: float | None
     ) -> list[SendOutcome]:
+        ESP.set(self.account.name)  # for log lines of this call (its own task)
+        counted = metrics.esp_metrics(self.account.name)
+        asked = time.monotonic()
         try:
             permit = await self.limiter.acquire(self.call_cost(call), horizon=horizon)
         except Deferred as exc:
@@ -236,8 +264,10 @@ class Adapter(ABC):
             deferred = SendOutcome(
                 OutcomeKind.RETRY, reason=reason, retry_after=exc.wait, deferred=True
             )
+            counted.deferred.inc(len(call))
             return [deferred] * len(call)
         outcomes: list[SendOutcome] = []
+        started = time.monotonic()
         try:
             outcomes = await self._send_call(call)
         finally:  # cancelled too: the slot must come back
@@ -246,6 +276,10 @@ class Adapter(ABC):
             self.limiter.finish(
                 permit, throttled=bool(throttled), retry_after=max(waits, default=None)
             )
+        metrics.count_call(counted, asked, started, time.monotonic(), outcomes)
+        if log.isEnabledFor(logging.DEBUG):  # message ids tie the call to its accepting request
+            kinds = [o.kind.value for o in outcomes]
+            log.debug("call for messages %s: %s", [e.message_id for e in call], kinds)
         return outcomes
 
     async def _send_call(self, call: list[OutboundEmail]) -> list[SendOutcome]:
@@ -253,7 +287,8 @@ class Adapter(ABC):
             outcomes = await self.send_call(call)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             reason = f"{self.display_name}: {type(exc).__name__}: {exc}".rstrip(": ")
-            return [SendOutcome.retry(reason)] * len(call)
+            maybe_sent = not isinstance(exc, self.not_sent_errors)
+            return [SendOutcome.retry(reason, maybe_sent=maybe_sent)] * len(call)
         if len(outcomes) != len(call):  # an adapter bug must not lose messages
             reason = (
                 f"{self.display_name}: adapter returned {len(outcomes)} outcomes for {len(call)}"
@@ -380,7 +415,10 @@ class HttpAdapter(Adapter):
             return [SendOutcome.retry(reason, retry_after=wait, rate_limited=True)] * len(call)
         if status == 408 or status >= 500:
             wait = retry_after_seconds(response.headers, *self.retry_after_headers)
-            return [SendOutcome.retry(reason, retry_after=wait)] * len(call)
+            # A 5xx with the provider's error body refused the request; a gateway timeout or a
+            # bare 5xx (a proxy's) may hide an ESP that accepted it after all.
+            maybe = status == 504 or (status >= 500 and not response.body.strip())
+            return [SendOutcome.retry(reason, retry_after=wait, maybe_sent=maybe)] * len(call)
         return [SendOutcome.rejected(reason)] * len(call)
 
     async def send_call(self, call: list[OutboundEmail]) -> list[SendOutcome]:

@@ -19,6 +19,7 @@ from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
+    HTTPClientError,
     ParamValidationError,
 )
 
@@ -216,5 +217,8 @@ class SesAdapter(Adapter):
         except ParamValidationError as exc:  # the request breaks the API model: never succeeds
             return [SendOutcome.rejected(f"{self.display_name}: {exc}")]
         except BotoCoreError as exc:  # connection, timeout, credential lookup: try again later
-            return [SendOutcome.retry(f"{self.display_name}: {type(exc).__name__}: {exc}")]
+            # A read timeout or a closed connection (HTTPClientError) may follow a request SES
+            # got; connect errors and credential lookups happen before anything is sent.
+            reason = f"{self.display_name}: {type(exc).__name__}: {exc}"
+            return [SendOutcome.retry(reason, maybe_sent=isinstance(exc, HTTPClientError))]
         return [SendOutcome.sent(str(response.get("MessageId", "")))]

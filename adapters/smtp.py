@@ -112,6 +112,12 @@ class SmtpAdapter(Adapter):
     limits: ClassVar[BatchLimits] = BatchLimits(
         messages_per_call=1, recipients_per_message=100, bytes_per_call=64 * 1024 * 1024
     )
+    # Only a failed connect is surely unsent: a disconnect or timeout later in the transaction
+    # may come after the server queued the message (before its 250 to DATA reached us).
+    not_sent_errors: ClassVar[tuple[type[BaseException], ...]] = (
+        *Adapter.not_sent_errors,
+        aiosmtplib.SMTPConnectError,
+    )
 
     def __init__(self, account: EspAccount) -> None:
         super().__init__(account)

@@ -20,7 +20,7 @@ __all__ = ["Database", "transaction"]
 P = ParamSpec("P")
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2  # 2: suppressions.note
+SCHEMA_VERSION = 3  # 2: suppressions.note; 3: messages.maybe_sent, claim lanes
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS templates (
     template_id    TEXT PRIMARY KEY,
@@ -53,14 +53,18 @@ CREATE TABLE IF NOT EXISTS messages (
     recipient        TEXT NOT NULL,
     payload          BLOB NOT NULL,     -- the accepted Email protobuf, deterministic encoding
     attempts         INTEGER NOT NULL DEFAULT 0,
-    esp              TEXT NOT NULL DEFAULT '',
+    esp              TEXT NOT NULL DEFAULT '',  -- the last attempt's account (or the sender's)
+    maybe_sent       INTEGER NOT NULL DEFAULT 0,  -- the last attempt may have reached its esp
     esp_message_id   TEXT NOT NULL DEFAULT '',
     reason           TEXT NOT NULL DEFAULT '',
     idempotency_key  TEXT,
     created_at       REAL NOT NULL,
     updated_at       REAL NOT NULL
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS messages_ready ON messages (priority, due_at) WHERE state = 1;
+-- The two claim lanes (outbox._claim): fresh messages by priority, retries by due time.
+CREATE INDEX IF NOT EXISTS messages_fresh ON messages (priority, due_at)
+    WHERE state = 1 AND attempts = 0;
+CREATE INDEX IF NOT EXISTS messages_retry ON messages (due_at) WHERE state = 1 AND attempts > 0;
 CREATE INDEX IF NOT EXISTS messages_template ON messages (template_id, template_version);
 -- A message's history after acceptance (its QUEUED event is implied by the row): what the
 -- delivery lane did, and what ESP webhooks reported. seq is the WatchEvents cursor.
@@ -103,7 +107,12 @@ CREATE TABLE IF NOT EXISTS idempotency (
 
 # Columns added after a table was first released: (table, column, definition). A data
 # directory from an older release gets them on open (CREATE TABLE IF NOT EXISTS skips the table).
-ADDED_COLUMNS = (("suppressions", "note", "TEXT NOT NULL DEFAULT ''"),)
+ADDED_COLUMNS = (
+    ("suppressions", "note", "TEXT NOT NULL DEFAULT ''"),
+    ("messages", "maybe_sent", "INTEGER NOT NULL DEFAULT 0"),
+)
+# Indexes a later release replaced; dropped on open.
+DROPPED_INDEXES = ("messages_ready",)  # one claim index before the fresh and retry lanes
 
 
 def _add_missing_columns(conn: sqlite3.Connection) -> None:
@@ -111,6 +120,8 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
         present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
         if column not in present:
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+    for index in DROPPED_INDEXES:
+        conn.execute(f"DROP INDEX IF EXISTS {index}")
 
 
 @contextmanager

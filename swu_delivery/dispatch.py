@@ -19,7 +19,9 @@ from dataclasses import replace
 import orjson
 
 from adapters.base import Adapter, Attachment, Mailbox, OutboundEmail, OutcomeKind, SendOutcome
+from swu_delivery import metrics
 from swu_delivery._proto.swu.delivery.v1 import common_pb2, delivery_pb2
+from swu_delivery.breaker import Breaker
 from swu_delivery.config import DeliveryConfig, EspAccount
 from swu_delivery.errors import SwuError
 from swu_delivery.outbox import FAILED, QUEUED, SENT, SUPPRESSED, Claimed, Completion, Outbox
@@ -67,6 +69,7 @@ class Dispatcher:
         adapters: Mapping[str, Adapter],
         config: DeliveryConfig,
         rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.outbox = outbox
         self.cache = cache
@@ -74,6 +77,15 @@ class Dispatcher:
         self.adapters = adapters
         self.config = config
         self.rng = rng or random.Random()
+        self.breakers = {
+            name: Breaker(
+                name,
+                failures=adapter.account.breaker_failures,
+                cooldown=adapter.account.breaker_cooldown_seconds,
+                clock=clock,
+            )
+            for name, adapter in adapters.items()
+        }
         self._wake = asyncio.Event()
         self._stopping = False
         self._inflight: dict[asyncio.Task[None], list[str]] = {}
@@ -112,7 +124,7 @@ class Dispatcher:
             self._wake.clear()  # before claiming, so a wake during the claim is not lost
             try:
                 claimed = await self.outbox.claim(
-                    self.config.claim_batch, self.config.lease_seconds
+                    self.config.claim_batch, self.config.lease_seconds, self.config.retry_share
                 )
             except Exception:
                 log.exception("claim from the outbox failed")
@@ -134,14 +146,17 @@ class Dispatcher:
         return done
 
     async def _deliver_batch(self, claimed: list[Claimed]) -> None:
+        metrics.BATCH_SIZE.observe(len(claimed))
         try:
             completions = await self._deliver(claimed)
         except Exception:
             log.exception("delivering a batch of %d failed; re-queued", len(claimed))
             completions = [
-                self._outcome(c, "", SendOutcome.retry("internal error while delivering"))
+                # c.esp: a message whose last call may have reached its account stays there.
+                self._completion(c, c.esp, SendOutcome.retry("internal error while delivering"))
                 for c in claimed
             ]
+        metrics.count_retries(completions, QUEUED)
         await self.outbox.record(completions)
 
     async def _drop_suppressed_copies(self, emails: list[OutboundEmail]) -> None:
@@ -180,8 +195,12 @@ class Dispatcher:
             claimed = [c for c in claimed if c.recipient.lower() not in suppressed]
         versions = await self.cache.ensure({(c.template_id, c.template_version) for c in claimed})
         by_esp: dict[str, tuple[list[Claimed], list[OutboundEmail]]] = {}
+        admitted: dict[str, bool] = {}  # per account, asked once a batch (a half-open probe)
         for c in claimed:
-            esp = self._choose_esp(c)
+            esp = self._choose_esp(c, admitted)
+            if esp is None:
+                completions.append(self._held(c))
+                continue
             compiled = versions[(c.template_id, c.template_version)]
             try:
                 if isinstance(compiled, SwuError):
@@ -199,14 +218,56 @@ class Dispatcher:
         if by_esp:
             sent = await asyncio.gather(*(self._send(esp, o) for esp, (_, o) in by_esp.items()))
             for (esp, (ready, _)), outcomes in zip(by_esp.items(), sent, strict=True):
+                self.breakers[esp].record(outcomes)
                 completions.extend(
                     self._completion(c, esp, o) for c, o in zip(ready, outcomes, strict=True)
                 )
         return completions
 
-    def _choose_esp(self, claimed: Claimed) -> str:
-        """The ESP account this message goes to on this attempt."""
-        return self.config.default_esp
+    def _choose_esp(self, claimed: Claimed, admitted: dict[str, bool]) -> str | None:
+        """The ESP account this message goes to on this attempt; None: hold it, all are open.
+
+        The first account of the message's route whose breaker admits a call, except that a
+        message whose last attempt may have reached its account stays there: sending it
+        elsewhere could deliver it twice.
+        """
+        route = self._route(claimed)
+        for esp in route:
+            if esp not in admitted:
+                admitted[esp] = self.breakers[esp].admit()
+            if admitted[esp]:
+                return esp
+        return None
+
+    def _route(self, claimed: Claimed) -> tuple[str, ...]:
+        """The accounts this message may try, in order of preference."""
+        if claimed.maybe_sent and claimed.esp in self.adapters:
+            return (claimed.esp,)
+        route = self.config.route_for(claimed.template_id)
+        return tuple(esp for esp in route if esp in self.adapters)
+
+    def _held(self, claimed: Claimed) -> Completion:
+        """Every account of the route is open: queued again, attempt kept, due at a probe."""
+        route = self._route(claimed)
+        wait = min((self.breakers[esp].wait() for esp in route), default=0.0)
+        names = ", ".join(route)
+        return Completion(
+            claimed.id,
+            QUEUED,
+            EV_DEFERRED,
+            claimed.attempts,
+            esp=claimed.esp,
+            reason=f"not sent: circuit open for every account of its route ({names})",
+            due_at=time.time() + max(wait, self.config.idle_poll),
+            refund=True,
+            maybe_sent=claimed.maybe_sent,
+        )
+
+    def _failover(self, claimed: Claimed, esp: str) -> str:
+        """The history line when this attempt goes to another account than the last one."""
+        if not claimed.esp or claimed.esp == esp:
+            return ""
+        return f"failover from {claimed.esp} to {esp}: {claimed.reason or 'circuit open'}"
 
     async def _send(self, esp: str, emails: list[OutboundEmail]) -> list[SendOutcome]:
         """Hand `emails` to account `esp`'s adapter: one outcome per message, in order.
@@ -228,6 +289,15 @@ class Dispatcher:
         ]
 
     def _completion(self, claimed: Claimed, esp: str, outcome: SendOutcome) -> Completion:
+        """What to record for one attempt at `esp`, with its failover line and ambiguity."""
+        done = self._attempted(claimed, esp, outcome)
+        done.failover = self._failover(claimed, esp)
+        # Once a call may have reached an account, the message stays with it: later throttling
+        # or 5xx there does not tell whether that earlier call delivered it.
+        done.maybe_sent = claimed.maybe_sent or outcome.maybe_sent
+        return done
+
+    def _attempted(self, claimed: Claimed, esp: str, outcome: SendOutcome) -> Completion:
         """`_outcome`, except that deferred and throttled messages keep their attempt."""
         if outcome.kind is not OutcomeKind.RETRY or not (outcome.deferred or outcome.rate_limited):
             return self._outcome(claimed, esp, outcome)

@@ -7,10 +7,13 @@ at-least-once towards the ESP and nothing accepted is ever lost.
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+
+import orjson
 
 from swu_delivery._proto.swu.delivery.v1 import delivery_pb2
 from swu_delivery.db import Database, transaction
@@ -56,6 +59,9 @@ class Claimed:
     locale: str
     attempts: int  # including this one
     recipient: str  # the To address
+    esp: str = ""  # the account of the previous attempt, if any
+    maybe_sent: bool = False  # the previous attempt may have reached that account
+    reason: str = ""  # why the previous attempt did not end the message
 
 
 @dataclass(slots=True)
@@ -73,6 +79,8 @@ class Completion:
     # QUEUED again without counting the attempt: no call was made (the account's rate limit
     # had no room) or the provider only throttled us; neither says anything about the message.
     refund: bool = False
+    maybe_sent: bool = False  # QUEUED again after a call that may have reached `esp`
+    failover: str = ""  # set: this attempt moved the message to another account, and why
 
 
 def _accept(
@@ -134,20 +142,52 @@ def _accept(
     return results
 
 
-def _claim(conn: sqlite3.Connection, limit: int, lease: float, now: float) -> list[Claimed]:
+_LANE = (
+    "SELECT id FROM messages WHERE state = 1 AND attempts {} 0 AND due_at <= ?"
+    " AND lease_until <= ? ORDER BY {} LIMIT ? OFFSET ?"
+)
+_FRESH = _LANE.format("=", "priority, due_at")  # index messages_fresh
+_RETRY = _LANE.format(">", "due_at")  # index messages_retry
+
+
+def _lane(conn: sqlite3.Connection, query: str, now: float, limit: int, skip: int) -> list[str]:
+    if limit <= 0:
+        return []
+    return [row[0] for row in conn.execute(query, (now, now, limit, skip))]
+
+
+def _claim(
+    conn: sqlite3.Connection, limit: int, lease: float, now: float, retry_share: float
+) -> list[Claimed]:
+    """Lease up to `limit` due messages: fresh ones first by priority, retries in their lane.
+
+    Retries get up to `retry_share` of the claim, fresh mail the rest, and each lane takes what
+    the other leaves: a backlog of retries never starves fresh mail, nor the reverse.
+    """
     # A claim also moves due_at to the lease's expiry: claimed rows then sort after every due
-    # one in the messages_ready index, so the next claim does not walk past them, and a claim
-    # left by a crashed process becomes due again when its lease runs out.
+    # one in the lane indexes, so the next claim does not walk past them, and a claim left by a
+    # crashed process becomes due again when its lease runs out.
+    quota = math.ceil(limit * retry_share)
     with transaction(conn):
+        retries = _lane(conn, _RETRY, now, quota, 0)
+        fresh = _lane(conn, _FRESH, now, limit - len(retries), 0)
+        if len(retries) == quota:  # fresh mail left room: more retries fill it
+            retries += _lane(conn, _RETRY, now, limit - len(fresh) - quota, quota)
+        ids = fresh + retries
+        if not ids:
+            return []
         cur = conn.execute(
             "UPDATE messages SET lease_until = ?1, due_at = ?1, attempts = attempts + 1,"
-            " updated_at = ?2"
-            " WHERE id IN (SELECT id FROM messages WHERE state = 1 AND due_at <= ?2"
-            " AND lease_until <= ?2 ORDER BY priority, due_at LIMIT ?3)"
-            " RETURNING id, payload, template_id, template_version, locale, attempts, recipient",
-            (now + lease, now, limit),
+            " updated_at = ?2 WHERE id IN (SELECT value FROM json_each(?3))"
+            " RETURNING id, payload, template_id, template_version, locale, attempts, recipient,"
+            " esp, maybe_sent, reason",
+            (now + lease, now, orjson.dumps(ids).decode()),
         )
-        return [Claimed(*row) for row in cur.fetchall()]
+        by_id = {
+            m: Claimed(m, payload, tid, version, locale, n, to, esp, bool(maybe), reason)
+            for m, payload, tid, version, locale, n, to, esp, maybe, reason in cur.fetchall()
+        }
+        return [by_id[i] for i in ids]  # fresh by priority, then retries
 
 
 def _record(conn: sqlite3.Connection, completions: Sequence[Completion], now: float) -> None:
@@ -160,9 +200,17 @@ def _record(conn: sqlite3.Connection, completions: Sequence[Completion], now: fl
             [(c.state, c.esp, c.esp_message_id, c.reason, now, c.message_id) for c in final],
         )
         conn.executemany(
-            "UPDATE messages SET due_at = ?, reason = ?, esp = ?, lease_until = 0, updated_at = ?,"
-            " attempts = max(attempts - ?, 0) WHERE id = ?",
-            [(c.due_at, c.reason, c.esp, now, int(c.refund), c.message_id) for c in again],
+            "UPDATE messages SET due_at = ?, reason = ?, esp = ?, maybe_sent = ?, lease_until = 0,"
+            " updated_at = ?, attempts = max(attempts - ?, 0) WHERE id = ?",
+            [
+                (c.due_at, c.reason, c.esp, int(c.maybe_sent), now, int(c.refund), c.message_id)
+                for c in again
+            ],
+        )
+        conn.executemany(
+            "INSERT INTO events (message_id, time, type, esp, detail, attempt)"
+            f" VALUES (?, ?, {_EV.EVENT_TYPE_QUEUED}, ?, ?, ?)",
+            [(c.message_id, now, c.esp, c.failover, c.attempt) for c in completions if c.failover],
         )
         conn.executemany(
             "INSERT INTO events (message_id, time, type, esp, detail, attempt)"
@@ -224,7 +272,7 @@ def _put_back(conn: sqlite3.Connection, ids: Sequence[str], now: float) -> None:
     """Queue finished messages again, due now, as if never attempted; their history says so."""
     conn.executemany(
         f"UPDATE messages SET state = {QUEUED}, due_at = ?, lease_until = 0, attempts = 0,"
-        " esp = '', esp_message_id = '', reason = '', updated_at = ? WHERE id = ?",
+        " esp = '', maybe_sent = 0, esp_message_id = '', reason = '', updated_at = ? WHERE id = ?",
         [(now, now, i) for i in ids],
     )
     conn.executemany(
@@ -320,8 +368,8 @@ class Outbox:
     async def accept(self, rows: Sequence[NewMessage]) -> list[Accepted]:
         return await self.db.run(_accept, rows, self.idempotency_ttl, time.time())
 
-    async def claim(self, limit: int, lease: float) -> list[Claimed]:
-        return await self.db.run(_claim, limit, lease, time.time())
+    async def claim(self, limit: int, lease: float, retry_share: float = 0.25) -> list[Claimed]:
+        return await self.db.run(_claim, limit, lease, time.time(), retry_share)
 
     async def record(self, completions: Sequence[Completion]) -> None:
         if completions:

@@ -1,9 +1,11 @@
 """Transport faults every HTTP adapter must survive, against the ESP simulator's fault rules.
 
-For each provider: a 500 or 503 answer, an answer slower than the account's timeout and a
-connection closed without an answer each make the message retryable (never rejected, never
-counted as throttling), with a reason naming the provider and, for a 5xx, carrying the text
-of the simulator's provider-shaped error body. Provider-specific errors (bad keys, refused
+For each provider: a 500 or 503 answer, an answer slower than the account's timeout, a refused
+connection and a connection closed without an answer each make the message retryable (never
+rejected, never counted as throttling), with a reason naming the provider and, for a 5xx,
+carrying the text of the simulator's provider-shaped error body. Timeouts and dropped
+connections are `maybe_sent` (the request was written, so no failover); a 5xx with its error
+body and a refused connection are not. Provider-specific errors (bad keys, refused
 recipients, 429 wait signals) are tested in each provider's own module. The dispatcher's
 handling of such outcomes end to end is in tests/test_send.py.
 """
@@ -78,6 +80,7 @@ async def test_server_error_is_retried_not_throttled(
         (outcome,) = await adapter.send([fresh_message(kind)])
     assert (outcome.kind, outcome.rate_limited) == (OutcomeKind.RETRY, False)
     assert outcome.reason == f"{display} {status}: {bodies[status]}"
+    assert not outcome.maybe_sent  # the provider's error body: it refused the request
     assert [r["status"] for r in esp_simulator.requests(provider=kind)] == [status]
 
 
@@ -90,6 +93,7 @@ async def test_timeout_is_retried(esp_simulator: SimulatorHandle, kind: str) -> 
         (outcome,) = await adapter.send([fresh_message(kind)])
     assert (outcome.kind, outcome.rate_limited) == (OutcomeKind.RETRY, False)
     assert outcome.reason == f"{display}: TimeoutError"
+    assert outcome.maybe_sent  # the request was written: it must not fail over
     # The request did reach the provider; its late answer is recorded here, not in a later test.
     assert len(kit.wait_for_records(esp_simulator, kind, 1)) == 1
 
@@ -103,4 +107,15 @@ async def test_dropped_connection_is_retried(esp_simulator: SimulatorHandle, kin
         (outcome,) = await adapter.send([fresh_message(kind)])
     assert (outcome.kind, outcome.rate_limited) == (OutcomeKind.RETRY, False)
     assert outcome.reason.startswith(f"{display}: ServerDisconnectedError")
+    assert outcome.maybe_sent
     assert [r["status"] for r in esp_simulator.requests(provider=kind)] == [0]
+
+
+@kinds
+async def test_refused_connection_is_surely_not_sent(kind: str) -> None:
+    """Nothing listens at the account's URL: a retry that may fail over (not maybe_sent)."""
+    url = f"http://127.0.0.1:{kit.free_port()}"
+    async with kit.running(kit.account(kind, url)) as adapter:
+        (outcome,) = await adapter.send([fresh_message(kind)])
+    assert (outcome.kind, outcome.maybe_sent) == (OutcomeKind.RETRY, False)
+    assert "ClientConnectorError" in outcome.reason
