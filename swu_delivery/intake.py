@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
 
 import orjson
 
+from swu_delivery import metrics
 from swu_delivery._proto.swu.delivery.v1 import common_pb2, delivery_pb2
 from swu_delivery.errors import AlreadyExists, SwuError, TemplateRenderError, Unavailable
 from swu_delivery.outbox import NewMessage, Outbox
@@ -18,6 +20,8 @@ from swu_delivery.templates import TemplateCache, TemplateStore
 from swu_delivery.validation import validate_batch_size, validate_email
 
 __all__ = ["Intake", "new_message_ids"]
+
+log = logging.getLogger(__name__)
 
 _PRIORITY = {
     delivery_pb2.PRIORITY_UNSPECIFIED: 1,
@@ -142,7 +146,11 @@ class Intake:
                         index=offset + i, message_id=outcome.message_id, duplicate=outcome.duplicate
                     )
             self.on_accepted()
-        return [r for r in results if r is not None]
+        done = [r for r in results if r is not None]
+        metrics.count_intake(done)
+        if log.isEnabledFor(logging.DEBUG):  # the request id (logs.REQUEST_ID) ↔ message ids
+            log.debug("accepted messages %s", [r.message_id for r in done if r.message_id])
+        return done
 
     async def requeue(self, request: delivery_pb2.RequeueRequest) -> delivery_pb2.RequeueResponse:
         """Put finished messages back in the queue and wake the lane, as an accept does."""

@@ -14,11 +14,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Any
 
 import orjson
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from swu_delivery import metrics
 from swu_delivery._proto.swu.delivery.v1 import template_pb2
 from swu_delivery.db import Database, transaction
 from swu_delivery.errors import (
@@ -73,12 +75,14 @@ class CompiledLocale:
 
     def render(self, engine: TemplateEngine, context: dict[str, Any]) -> Rendered:
         """Render all parts; the subject must come out as one line."""
+        started = perf_counter()
         subject = engine.render(self.subject, context).strip()
         if "\n" in subject or "\r" in subject:
             raise TemplateRenderError("rendered subject contains a line break", field="subject")
         check_header_text(subject, "subject")
         html = engine.render(self.html, context) if self.html else ""
         text = engine.render(self.text, context) if self.text else ""
+        metrics.RENDER_SECONDS.observe(perf_counter() - started)
         return Rendered(subject, html, text, self.locale)
 
 
@@ -445,6 +449,8 @@ class TemplateCache:
                 missing.append(key)
             else:
                 out[key] = hit
+        metrics.CACHE_HIT.inc(len(out))
+        metrics.CACHE_MISS.inc(len(missing))
         if missing:
             loaded = {(r[0], r[1]): r for r in await self.db.run(_load_versions, missing)}
             for key in missing:
@@ -481,6 +487,7 @@ class TemplateCache:
                 c["locale"], subject, parts["html"], parts["text"]
             )
         compiled = CompiledVersion(template_id, version, default_locale, locales)
+        metrics.TEMPLATE_COMPILES.inc()
         self._versions[(template_id, version)] = compiled
         while len(self._versions) > self.capacity:
             self._versions.popitem(last=False)
