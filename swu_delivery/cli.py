@@ -124,13 +124,16 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(args.config, listen=args.listen, data_dir=args.data_dir)
+        if args.workers > 1:  # before anything imports prometheus_client
+            from swu_delivery.workers import prepare_metrics_dir
+
+            prepare_metrics_dir(config.data_dir)
         from swu_delivery import server
 
-        server.run(config, workers=args.workers)
+        return server.run(config, workers=args.workers)
     except ConfigError as exc:
         _error(str(exc))
         return 2
-    return 0
 
 
 def _esp_simulator(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ __all__ = [
     "ConfigError",
     "DeliveryConfig",
     "EspAccount",
+    "MetricsConfig",
     "SimulatorSettings",
     "WebhookSettings",
     "WebhooksConfig",
@@ -54,6 +55,10 @@ class EspAccount:
     messages_burst: int = 0
     requests_per_second: float = 0.0  # provider API calls
     requests_burst: int = 0
+    # Circuit breaker (docs/delivery.md): open after this many retryable failures in a row,
+    # probe again after the cooldown.
+    breaker_failures: int = 5
+    breaker_cooldown_seconds: float = 30.0
     options: Mapping[str, Any] = field(default_factory=dict)  # provider-specific keys
     webhook: WebhookSettings | None = None  # its [esp.webhook] table; None: no endpoint
 
@@ -71,6 +76,11 @@ class DeliveryConfig:
     """How delivery lanes claim, retry and give up."""
 
     default_esp: str = ""  # empty: the first [[esp]] account (the simulator when there is none)
+    # ESP accounts in order of preference; empty: [default_esp]. [[route]] tables set one per
+    # template (template_routes, filled from them).
+    route: tuple[str, ...] = ()
+    template_routes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    retry_share: float = 0.25  # of each claim kept for due retries; fresh mail takes the rest
     max_attempts: int = 5  # attempts per message before it fails with "retries exhausted"
     retry_base: float = 2.0  # seconds; backoff is full-jitter exponential from here
     retry_max: float = 600.0  # cap of one backoff, seconds
@@ -79,6 +89,10 @@ class DeliveryConfig:
     lease_seconds: float = 120.0  # a claim not finished by then is taken over
     idle_poll: float = 0.25  # seconds between outbox polls when nothing is due
 
+    def route_for(self, template_id: str) -> tuple[str, ...]:
+        """The ESP accounts a message of `template_id` tries, in order of preference."""
+        return self.template_routes.get(template_id) or self.route or (self.default_esp,)
+
 
 @dataclass(frozen=True, kw_only=True)
 class WebhooksConfig:
@@ -86,6 +100,13 @@ class WebhooksConfig:
 
     listen: str = "127.0.0.1:50052"  # empty: no webhook server
     max_body_bytes: int = 5 * 1024 * 1024  # larger requests get 413
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetricsConfig:
+    """The Prometheus `/metrics` HTTP endpoint (docs/operating.md)."""
+
+    listen: str = ""  # host:port (port 0: any free port); empty: no endpoint
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,11 +128,13 @@ class Config:
     idempotency_ttl: float = 48 * 3600.0  # keys are kept at least this long (seconds)
     grace_seconds: float = 20.0  # SIGTERM: how long in-flight ESP calls may take to finish
     log_level: str = "INFO"
+    log_format: str = "auto"  # json, text, or auto: JSON unless stderr is a terminal
     esps: tuple[EspAccount, ...] = ()
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     simulator: SimulatorSettings = field(default_factory=SimulatorSettings)
     render: RenderLimits = field(default_factory=RenderLimits)
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def account(self, name: str) -> EspAccount:
         for acc in self.esps:
@@ -138,7 +161,7 @@ def _secret(raw: Mapping[str, Any], where: str, name: str = "api_key") -> str:
 
 _RATE_KEYS = {"messages_per_second", "messages_burst", "requests_per_second", "requests_burst"}
 _ACCOUNT_KEYS = {"name", "kind", "base_url", "sender", "sender_name", "timeout", "max_concurrency"}
-_ACCOUNT_KEYS |= _RATE_KEYS
+_ACCOUNT_KEYS |= _RATE_KEYS | {"breaker_failures", "breaker_cooldown_seconds"}
 _SECRET_KEYS = {"api_key", "api_key_env", "api_key_file", "webhook"}
 _WEBHOOK_SECRET_KEYS = {"secret", "secret_env", "secret_file"}
 
@@ -167,6 +190,12 @@ def _check_limits(raw: Mapping[str, Any], where: str) -> None:
         rate = key.replace("_burst", "_per_second")
         if value and not raw.get(rate):
             raise ConfigError(f"{where}.{key}: needs {rate} (a burst of an unlimited rate)")
+    value = raw.get("breaker_failures", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}.breaker_failures: must be an integer >= 1, got {value!r}")
+    value = raw.get("breaker_cooldown_seconds", 0)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e9:
+        raise ConfigError(f"{where}.breaker_cooldown_seconds: must be a number >= 0, got {value!r}")
     value = raw.get("max_concurrency", 1)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{where}.max_concurrency: must be an integer >= 1, got {value!r}")
@@ -200,6 +229,44 @@ def _section(cls: type[Any], raw: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {exc}") from None
 
 
+def _esp_list(value: Any, where: str, names: list[str]) -> tuple[str, ...]:
+    """A route: a non-empty list of distinct, configured account names."""
+    if (
+        not isinstance(value, list | tuple)
+        or not value
+        or not all(isinstance(v, str) for v in value)
+    ):
+        raise ConfigError(f"{where}: expected a non-empty list of ESP account names")
+    for name in value:
+        if name not in names:
+            raise ConfigError(
+                f"{where}: no ESP account named {name!r} (accounts: {', '.join(names)})"
+            )
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{where}: an account appears twice")
+    return tuple(value)
+
+
+def _routes(delivery: DeliveryConfig, tables: list[Any], names: list[str]) -> DeliveryConfig:
+    """Check [delivery] route and the [[route]] tables; the routes as tuples."""
+    if not 0 <= delivery.retry_share <= 1:
+        raise ConfigError(f"delivery.retry_share: must lie in [0, 1], got {delivery.retry_share!r}")
+    given = delivery.route != ()  # the file's list, even an empty one (an error)
+    route = _esp_list(delivery.route, "delivery.route", names) if given else ()
+    by_template: dict[str, tuple[str, ...]] = {}
+    for i, table in enumerate(tables):
+        where = f"route[{i}]"
+        if unknown := sorted(set(table) - {"template", "esps"}):
+            raise ConfigError(f"{where}.{unknown[0]}: unknown key (keys: template, esps)")
+        template = table.get("template")
+        if not isinstance(template, str) or not template:
+            raise ConfigError(f"{where}.template: required string")
+        if template in by_template:
+            raise ConfigError(f"{where}.template: {template!r} has a route already")
+        by_template[template] = _esp_list(table.get("esps"), f"{where}.esps", names)
+    return replace(delivery, route=route, template_routes=by_template)
+
+
 def load_config(
     path: Path | None = None,
     *,
@@ -219,11 +286,15 @@ def load_config(
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise ConfigError("esp: ESP accounts are an array of tables; write [[esp]], not [esp]")
     esps = tuple(_account(a, i) for i, a in enumerate(tables))
+    route_tables = raw.pop("route", [])
+    if not isinstance(route_tables, list) or not all(isinstance(t, dict) for t in route_tables):
+        raise ConfigError("route: routes are an array of tables; write [[route]], not [route]")
     sections = {
         "delivery": (DeliveryConfig, "delivery"),
         "simulator": (SimulatorSettings, "simulator"),
         "render": (RenderLimits, "render"),
         "webhooks": (WebhooksConfig, "webhooks"),
+        "metrics": (MetricsConfig, "metrics"),
     }
     kwargs: dict[str, Any] = {}
     for key, (cls, where) in sections.items():
@@ -260,6 +331,7 @@ def load_config(
             f"delivery.default_esp: no ESP account named {config.delivery.default_esp!r} "
             f"(accounts: {', '.join(names)})"
         )
+    config = replace(config, delivery=_routes(config.delivery, route_tables, names))
     if config.idempotency_ttl < MIN_IDEMPOTENCY_TTL:
         raise ConfigError(
             f"idempotency_ttl: {config.idempotency_ttl:g} s is below the guaranteed "

@@ -220,9 +220,12 @@ def _stats(conn: sqlite3.Connection, template_id: str) -> delivery_pb2.GetTempla
 class EventStore:
     """Async facade over the events table for webhooks, WatchEvents and stats."""
 
-    def __init__(self, db: Database, hub: EventHub) -> None:
+    def __init__(self, db: Database, hub: EventHub, *, poll: float = 1.0) -> None:
         self.db = db
         self.hub = hub
+        # WatchEvents reads the table at least this often: the hub only hears this process's
+        # events, so with several workers the poll is how a stream sees its siblings'.
+        self.poll = poll
 
     async def store(self, esp: str, events: Sequence[ProviderEvent]) -> StoreResult:
         if not events:
@@ -251,7 +254,7 @@ class EventStore:
         return await self.db.run(_last_seq)
 
     async def watch(
-        self, request: delivery_pb2.WatchEventsRequest, after: int, *, poll: float = 1.0
+        self, request: delivery_pb2.WatchEventsRequest, after: int, *, poll: float | None = None
     ) -> AsyncIterator[delivery_pb2.WatchEventsResponse]:
         """Events after `after`, then live ones, until the caller goes away."""
         while True:
@@ -260,4 +263,4 @@ class EventStore:
             for item in page:
                 yield item
             if len(page) < WATCH_PAGE:
-                await self.hub.wait(ticket, poll)
+                await self.hub.wait(ticket, self.poll if poll is None else poll)

@@ -68,6 +68,9 @@ log_level = "INFO"
 [webhooks]
 listen = "127.0.0.1:0"
 
+[metrics]
+listen = "127.0.0.1:0"
+
 [delivery]
 default_esp = "{default_esp}"
 {lane_lines}
@@ -97,14 +100,17 @@ class ServerHandle:
         self.target = ""
         self.log: list[str] = []
         self.env: dict[str, str] = {}  # extra environment, e.g. webhook secrets for the config
+        self.serve_args: list[str] = []  # extra `serve` arguments, e.g. ["--workers", "2"]
         self.webhooks = ""  # base URL of the webhook server: POST {webhooks}/webhooks/<account>
+        self.metrics = ""  # base URL of the metrics server: GET {metrics}/metrics
         self._channel: grpc.Channel | None = None
         self._drainer: threading.Thread | None = None
 
     def start(self) -> None:
         env = {**os.environ, SIM_KEY_ENV: "sim-key", "PYTHONUNBUFFERED": "1", **self.env}
+        command = [sys.executable, "-m", "swu_delivery", "serve", "--config", str(self.config)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "swu_delivery", "serve", "--config", str(self.config)],
+            [*command, *self.serve_args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -119,6 +125,8 @@ class ServerHandle:
             self.log.append(line)
             if line.startswith("swu-delivery webhooks on "):
                 self.webhooks = "http://" + line.split()[-1]
+            if line.startswith("swu-delivery metrics on "):
+                self.metrics = "http://" + line.split()[-1]
             if line.startswith("swu-delivery listening on "):
                 self.target = line.split()[-1]
                 self._drainer = threading.Thread(target=self._drain, args=(self.proc,), daemon=True)

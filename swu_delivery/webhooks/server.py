@@ -62,14 +62,15 @@ class WebhookServer:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         return self._session
 
-    async def start(self, receivers: dict[str, Receiver]) -> None:
+    async def start(self, receivers: dict[str, Receiver], *, reuse_port: bool = False) -> None:
+        """Serve on `config.listen`; `reuse_port` when worker processes share the port."""
         self.receivers = receivers
         app = web.Application(client_max_size=self.config.max_body_bytes)
         app.router.add_post("/webhooks/{account}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         host, _, port = self.config.listen.rpartition(":")
-        site = web.TCPSite(self._runner, host, int(port))
+        site = web.TCPSite(self._runner, host, int(port), reuse_port=reuse_port or None)
         await site.start()
         server = site._server  # aiohttp exposes the bound port only through its server
         sockets = getattr(server, "sockets", None) or []
