@@ -90,6 +90,8 @@ class Dispatcher:
         self._stopping = False
         self._inflight: dict[asyncio.Task[None], list[str]] = {}
         self._loop_task: asyncio.Task[None] | None = None
+        self._claiming = False  # the loop is inside a claim transaction: let it finish
+        self._interrupted: dict[str, str] = {}  # message id -> account of a call cut at stop
 
     def wake(self) -> None:
         """New messages were accepted: claim now instead of at the next poll."""
@@ -103,7 +105,11 @@ class Dispatcher:
         self._stopping = True
         self._wake.set()
         if self._loop_task is not None:
-            await self._loop_task
+            # Parked on a free slot (every batch waits on a slow ESP) or on the idle poll, the
+            # loop holds nothing: cancel it. Inside a claim, let the claim's transaction end.
+            if not self._claiming:
+                self._loop_task.cancel()
+            await asyncio.wait([self._loop_task])
         if self._inflight:
             await asyncio.wait(list(self._inflight), timeout=grace)
         leftover = [i for ids in self._inflight.values() for i in ids]
@@ -112,7 +118,9 @@ class Dispatcher:
         if self._inflight:
             await asyncio.wait(list(self._inflight))
         if leftover:
-            await self.outbox.release(leftover)
+            # A call cut mid-flight may have reached its account: the message stays with it.
+            cut = {i: self._interrupted[i] for i in leftover if i in self._interrupted}
+            await self.outbox.release(leftover, interrupted=cut)
 
     async def _run(self) -> None:
         slots = asyncio.Semaphore(self.config.max_inflight_batches)
@@ -122,6 +130,7 @@ class Dispatcher:
                 slots.release()
                 break
             self._wake.clear()  # before claiming, so a wake during the claim is not lost
+            self._claiming = True
             try:
                 claimed = await self.outbox.claim(
                     self.config.claim_batch, self.config.lease_seconds, self.config.retry_share
@@ -129,6 +138,8 @@ class Dispatcher:
             except Exception:
                 log.exception("claim from the outbox failed")
                 claimed = []
+            finally:
+                self._claiming = False
             if not claimed:
                 slots.release()
                 with suppress(TimeoutError):
@@ -278,7 +289,11 @@ class Dispatcher:
         """
         started = time.monotonic()
         horizon = self.config.lease_seconds * LEASE_SHARE_FOR_WAITING
-        outcomes = await self.adapters[esp].send(emails, horizon=horizon)
+        try:
+            outcomes = await self.adapters[esp].send(emails, horizon=horizon)
+        except asyncio.CancelledError:  # stop() cut the call after its grace
+            self._interrupted.update((e.message_id, esp) for e in emails)
+            raise
         # A deferred call's wait was counted from (about) the start; the batch ends only now.
         elapsed = time.monotonic() - started
         return [

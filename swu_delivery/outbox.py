@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -142,18 +142,34 @@ def _accept(
     return results
 
 
-_LANE = (
-    "SELECT id FROM messages WHERE state = 1 AND attempts {} 0 AND due_at <= ?"
-    " AND lease_until <= ? ORDER BY {} LIMIT ? OFFSET ?"
-)
-_FRESH = _LANE.format("=", "priority, due_at")  # index messages_fresh
-_RETRY = _LANE.format(">", "due_at")  # index messages_retry
+# The fresh lane is read one priority at a time: `priority = ?` with `due_at <= ?` is one range
+# of index messages_fresh, where ORDER BY priority, due_at would walk every message that is not
+# due yet (scheduled with send_at) before reaching the next priority's due ones.
+_FRESH = (
+    "SELECT id FROM messages WHERE state = 1 AND attempts = 0 AND priority = ? AND due_at <= ?"
+    " AND lease_until <= ? ORDER BY due_at LIMIT ?"
+)  # index messages_fresh
+_RETRY = (
+    "SELECT id FROM messages WHERE state = 1 AND attempts > 0 AND due_at <= ?"
+    " AND lease_until <= ? ORDER BY due_at LIMIT ? OFFSET ?"
+)  # index messages_retry
+PRIORITIES = (1, 2)  # stored priority: 1 transactional, 2 bulk; claimed in this order
 
 
-def _lane(conn: sqlite3.Connection, query: str, now: float, limit: int, skip: int) -> list[str]:
+def _retries(conn: sqlite3.Connection, now: float, limit: int, skip: int) -> list[str]:
     if limit <= 0:
         return []
-    return [row[0] for row in conn.execute(query, (now, now, limit, skip))]
+    return [row[0] for row in conn.execute(_RETRY, (now, now, limit, skip))]
+
+
+def _fresh(conn: sqlite3.Connection, now: float, limit: int) -> list[str]:
+    ids: list[str] = []
+    for priority in PRIORITIES:
+        if len(ids) >= limit:
+            break
+        rows = conn.execute(_FRESH, (priority, now, now, limit - len(ids)))
+        ids += [row[0] for row in rows]
+    return ids
 
 
 def _claim(
@@ -169,10 +185,10 @@ def _claim(
     # crashed process becomes due again when its lease runs out.
     quota = math.ceil(limit * retry_share)
     with transaction(conn):
-        retries = _lane(conn, _RETRY, now, quota, 0)
-        fresh = _lane(conn, _FRESH, now, limit - len(retries), 0)
+        retries = _retries(conn, now, quota, 0)
+        fresh = _fresh(conn, now, limit - len(retries))
         if len(retries) == quota:  # fresh mail left room: more retries fill it
-            retries += _lane(conn, _RETRY, now, limit - len(fresh) - quota, quota)
+            retries += _retries(conn, now, limit - len(fresh) - quota, quota)
         ids = fresh + retries
         if not ids:
             return []
@@ -222,10 +238,17 @@ def _record(conn: sqlite3.Connection, completions: Sequence[Completion], now: fl
         )
 
 
-def _release(conn: sqlite3.Connection, ids: Sequence[str] | None, now: float) -> int:
+def _release(
+    conn: sqlite3.Connection,
+    ids: Sequence[str] | None,
+    interrupted: Mapping[str, str],
+    now: float,
+) -> int:
     """Give claimed messages back, due now (all of them when ids is None).
 
-    Released by id (a graceful stop) the attempt is not counted: no ESP call was made.
+    Released by id (a graceful stop) the attempt is not counted when no ESP call was made; a
+    message in `interrupted` had its call cut mid-flight, so the attempt counts and the message
+    stays with that account (maybe sent), as after a timeout.
     """
     with transaction(conn):
         if ids is None:
@@ -238,7 +261,13 @@ def _release(conn: sqlite3.Connection, ids: Sequence[str] | None, now: float) ->
         conn.executemany(
             "UPDATE messages SET lease_until = 0, due_at = ?, attempts = max(attempts - 1, 0)"
             " WHERE id = ? AND state = 1 AND lease_until > 0",
-            [(now, i) for i in ids],
+            [(now, i) for i in ids if i not in interrupted],
+        )
+        conn.executemany(
+            "UPDATE messages SET lease_until = 0, due_at = ?, esp = ?, maybe_sent = 1,"
+            " reason = 'call interrupted by shutdown; it may have reached the ESP'"
+            " WHERE id = ? AND state = 1 AND lease_until > 0",
+            [(now, esp, i) for i, esp in interrupted.items()],
         )
         return len(ids)
 
@@ -382,8 +411,10 @@ class Outbox:
         wanted = sorted({r.lower() for r in recipients})
         return await self.db.run(_suppressed, wanted) if wanted else {}
 
-    async def release(self, ids: Sequence[str] | None = None) -> int:
-        return await self.db.run(_release, ids, time.time())
+    async def release(
+        self, ids: Sequence[str] | None = None, *, interrupted: Mapping[str, str] | None = None
+    ) -> int:
+        return await self.db.run(_release, ids, interrupted or {}, time.time())
 
     async def prune_idempotency_keys(self) -> int:
         return await self.db.run(_prune_keys, time.time() - self.idempotency_ttl)

@@ -43,6 +43,8 @@ def write_config(
     extra: str = "",
     default_esp: str = "sg",
     delivery: dict[str, int | float] | None = None,
+    grace: float = 10,
+    esp_timeout: float = 5,
 ) -> Path:
     """A test config: a SendGrid account "sg" at the simulator (plus `extra` TOML), fast retries.
 
@@ -62,7 +64,7 @@ def write_config(
         f"""
 listen = "127.0.0.1:0"
 data_dir = "{data_dir}"
-grace_seconds = 10
+grace_seconds = {grace}
 log_level = "INFO"
 
 [webhooks]
@@ -82,7 +84,7 @@ base_url = "{sim_url}"
 api_key_env = "{SIM_KEY_ENV}"
 sender = "orders@shop.example.com"
 sender_name = "Shop"
-timeout = 5
+timeout = {esp_timeout}
 {extra}
 """
     )

@@ -7,6 +7,8 @@ import sqlite3
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
+from itertools import cycle
 from pathlib import Path
 from typing import Any
 
@@ -238,6 +240,32 @@ async def test_fresh_mail_is_claimed_ahead_of_a_retry_backlog(tmp_path: Path) ->
         await outbox.accept([new(i, now) for i in range(2000, 2200)])
         mixed = await outbox.claim(100, lease=60, retry_share=0.25)
         assert Counter(c.attempts for c in mixed) == {1: 75, 2: 25}
+    finally:
+        await db.close()
+
+
+async def test_transactional_mail_is_claimed_before_bulk_and_scheduled_mail_waits(
+    tmp_path: Path,
+) -> None:
+    """Due transactional messages come first, then bulk; messages scheduled (send_at) for
+    tomorrow at either priority are not claimed, and do not hide the due ones behind them."""
+    db = Database(tmp_path / "outbox.db", synchronous="OFF")
+    await db.open()
+    try:
+        outbox = Outbox(db, idempotency_ttl=86400)
+        now = time.time()
+        bulk = [new(i, now - 60) for i in range(50)]
+        later = [
+            replace(new(i, now + 86400), priority=p)
+            for i, p in zip(range(100, 1100), cycle((1, 2)))
+        ]
+        urgent = [replace(new(i, now - 1), priority=1) for i in range(2000, 2020)]
+        await outbox.accept(bulk + later + urgent)
+        first = await outbox.claim(30, lease=60)
+        assert [c.id for c in first] == [m.id for m in urgent] + [m.id for m in bulk[:10]]
+        rest = await outbox.claim(1000, lease=60)
+        assert [c.id for c in rest] == [m.id for m in bulk[10:]]
+        assert await outbox.claim(1000, lease=60) == []
     finally:
         await db.close()
 

@@ -247,6 +247,7 @@ class RequestLog:
     def clear(self) -> None:
         self.records.clear()
         self._seq = 0
+        self.in_flight = 0  # requests received and checked, not answered yet (delayed)
         # Header names and values mostly repeat, so records share one copy of each string.
         self._strings: dict[str, str] = {}
         self._statuses: dict[str, dict[int, int]] = {}
@@ -305,4 +306,4 @@ class RequestLog:
                 "accepted_per_second": {s: c[0] for s, c in seconds.items()},
                 "recipients_per_second": {s: c[1] for s, c in seconds.items()},
             }
-        return {"requests": self._seq, "providers": providers}
+        return {"requests": self._seq, "in_flight": self.in_flight, "providers": providers}

@@ -5,7 +5,7 @@ Admin API (JSON, no auth):
     GET    /_sim/health                      {"status": "ok"}
     GET    /_sim/requests?provider=&status=  {"requests": [record, ...]}, oldest first
     DELETE /_sim/requests                    forget records and counters
-    GET    /_sim/stats                       exact counts per provider, status and second
+    GET    /_sim/stats                       exact counts per provider, status and second; in_flight
     GET    /_sim/faults                      rates, latency, seed and the remaining rules
     PUT    /_sim/faults                      replace them (omitted settings: start-up values)
     POST   /_sim/faults/rules                append one rule
@@ -80,7 +80,11 @@ class Simulation:
                 self.log.add(provider, status, request, body=self._body(rejection.raw))
                 return rejection.response
             fault = self.faults.decide(provider.name, submission.recipients)
-            await _pause(fault.delay_s)
+            self.log.in_flight += 1
+            try:
+                await _pause(fault.delay_s)
+            finally:
+                self.log.in_flight = max(self.log.in_flight - 1, 0)  # clear() may have reset it
             if fault.action is FaultAction.DROP:
                 if request.transport is not None:
                     request.transport.close()  # aiohttp's write then fails, quietly
