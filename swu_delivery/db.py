@@ -20,27 +20,11 @@ __all__ = ["Database", "transaction"]
 P = ParamSpec("P")
 T = TypeVar("T")
 
-SCHEMA_VERSION = 3  # 2: suppressions.note; 3: messages.maybe_sent, claim lanes
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS templates (
-    template_id    TEXT PRIMARY KEY,
-    description    TEXT NOT NULL DEFAULT '',
-    active_version INTEGER NOT NULL,
-    latest_version INTEGER NOT NULL,
-    deleted        INTEGER NOT NULL DEFAULT 0,
-    created_at     REAL NOT NULL,
-    updated_at     REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS template_versions (
-    template_id    TEXT NOT NULL,
-    version        INTEGER NOT NULL,
-    default_locale TEXT NOT NULL,
-    contents       BLOB NOT NULL,      -- JSON list of {locale, subject, html, text}
-    created_at     REAL NOT NULL,
-    PRIMARY KEY (template_id, version)
-) WITHOUT ROWID;
--- One row per accepted message: the durable outbox (state 1 = queued) and the ledger at once.
-CREATE TABLE IF NOT EXISTS messages (
+SCHEMA_VERSION = 4  # 2: suppressions.note; 3: messages.maybe_sent, claim lanes; 4: rowid messages
+# One row per accepted message: the durable outbox (state 1 = queued) and the ledger at once.
+# A rowid table, not WITHOUT ROWID: a row carries its 1-2 KB payload, which a WITHOUT ROWID
+# table spills to overflow pages that every claim and record rewrites (2.2x the database CPU).
+MESSAGES_TABLE = """CREATE TABLE IF NOT EXISTS {name} (
     id               TEXT PRIMARY KEY,
     state            INTEGER NOT NULL,  -- 1 queued, 2 sent, 3 failed, 7 suppressed (ESP events
                                         -- refine sent into delivered/bounced/... on reading)
@@ -60,7 +44,29 @@ CREATE TABLE IF NOT EXISTS messages (
     idempotency_key  TEXT,
     created_at       REAL NOT NULL,
     updated_at       REAL NOT NULL
+);"""
+SCHEMA = (
+    """
+CREATE TABLE IF NOT EXISTS templates (
+    template_id    TEXT PRIMARY KEY,
+    description    TEXT NOT NULL DEFAULT '',
+    active_version INTEGER NOT NULL,
+    latest_version INTEGER NOT NULL,
+    deleted        INTEGER NOT NULL DEFAULT 0,
+    created_at     REAL NOT NULL,
+    updated_at     REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS template_versions (
+    template_id    TEXT NOT NULL,
+    version        INTEGER NOT NULL,
+    default_locale TEXT NOT NULL,
+    contents       BLOB NOT NULL,      -- JSON list of {locale, subject, html, text}
+    created_at     REAL NOT NULL,
+    PRIMARY KEY (template_id, version)
 ) WITHOUT ROWID;
+"""
+    + MESSAGES_TABLE.format(name="messages")
+    + """
 -- The two claim lanes (outbox._claim): fresh messages by priority, retries by due time.
 CREATE INDEX IF NOT EXISTS messages_fresh ON messages (priority, due_at)
     WHERE state = 1 AND attempts = 0;
@@ -103,6 +109,7 @@ CREATE TABLE IF NOT EXISTS idempotency (
     created_at REAL NOT NULL
 ) WITHOUT ROWID;
 """
+)
 
 
 # Columns added after a table was first released: (table, column, definition). A data
@@ -113,6 +120,26 @@ ADDED_COLUMNS = (
 )
 # Indexes a later release replaced; dropped on open.
 DROPPED_INDEXES = ("messages_ready",)  # one claim index before the fresh and retry lanes
+
+
+def _rowid_messages(conn: sqlite3.Connection) -> bool:
+    """Rebuild a WITHOUT ROWID messages table (schema 3 and older) as a rowid table.
+
+    Copies every row in one transaction and drops the old table with its indexes; the caller
+    runs SCHEMA again to create them. True when it rebuilt.
+    """
+    row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'messages'")
+    found = row.fetchone()
+    if found is None or "WITHOUT ROWID" not in found[0].upper():
+        return False
+    names = ", ".join(r[1] for r in conn.execute("PRAGMA table_info(messages)"))
+    with transaction(conn):
+        conn.execute("DROP TABLE IF EXISTS messages_rowid")  # a rebuild cut short earlier
+        conn.execute(MESSAGES_TABLE.format(name="messages_rowid"))
+        conn.execute(f"INSERT INTO messages_rowid ({names}) SELECT {names} FROM messages")
+        conn.execute("DROP TABLE messages")
+        conn.execute("ALTER TABLE messages_rowid RENAME TO messages")
+    return True
 
 
 def _add_missing_columns(conn: sqlite3.Connection) -> None:
@@ -158,6 +185,8 @@ class Database:
             raise RuntimeError(f"{self.path}: schema {version} is newer than this release")
         conn.executescript(SCHEMA)
         _add_missing_columns(conn)
+        if _rowid_messages(conn):
+            conn.executescript(SCHEMA)  # the indexes went with the old table
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._conn = conn
 

@@ -23,6 +23,7 @@ from swu_delivery._proto.swu.delivery.v1 import (
     suppression_pb2_grpc,
 )
 from tests.conftest import STATE_NAMES, ServerHandle, write_config
+from tests.fixtures_sim import run_simulator
 from tests.helpers import ORDER, data, mk
 
 RATE, BURST = 120, 12
@@ -175,37 +176,50 @@ def test_sigterm_lets_the_call_in_flight_finish_and_records_it(
 
 
 def test_sigterm_with_every_lane_waiting_on_a_hung_esp_stops_after_the_grace(
-    tmp_path: Path, esp_simulator: Any
+    tmp_path: Path,
 ) -> None:
     """SIGTERM while every in-flight batch waits on an ESP that never answers: the service
     stops after its grace instead of waiting for the ESP; the cut calls' messages stay queued
     with their account, marked maybe-sent, the unclaimed ones stay plain queued, and all are
     delivered after a restart."""
-    data_dir = tmp_path / "data"
-    lanes = {"claim_batch": 20, "max_inflight_batches": 1}
-    config = write_config(
-        tmp_path / "swu.toml", data_dir, esp_simulator.url, delivery=lanes, grace=1, esp_timeout=60
-    )
-    server = ServerHandle(config, data_dir, esp_simulator)
-    server.start()
-    server.put_template("order", {"en": ORDER})
-    esp_simulator.set_faults(latency_ms=120_000)  # longer than the account's 60 s timeout
-    ids = [r.message_id for r in send_batch(server, 0)]
-    wait_until(lambda: esp_simulator.stats()["in_flight"] > 0, "no ESP call reached the simulator")
-    cut = leased(data_dir)
-    assert cut and len(cut) < len(ids)
-    # The 20 s bound is far above the 1 s grace and below the 60 s the hung call would take.
-    assert server.stop(signal.SIGTERM, timeout=20) == 0
-    assert not leased(data_dir)
-    with sqlite3.connect(data_dir / "swu.db") as db:
-        rows = db.execute("SELECT id, state, esp, maybe_sent, attempts FROM messages").fetchall()
-    queued = delivery_pb2.MESSAGE_STATE_QUEUED
-    assert {state for _, state, *_ in rows} == {queued}
-    assert {i for i, _, _, maybe, _ in rows if maybe} == cut
-    assert {(esp, attempts) for i, _, esp, _, attempts in rows if i in cut} == {("sg", 1)}
-    assert {(esp, attempts) for i, _, esp, _, attempts in rows if i not in cut} == {("", 0)}
-    esp_simulator.set_faults(latency_ms=0)
-    server.start()
-    done = server.wait_for_state(ids, timeout=60)
-    assert {STATE_NAMES[m.state] for m in done.values()} == {"SENT"}
-    server.stop()
+    # Its own simulator: the hung call outlives the test and must not reach the shared one.
+    with run_simulator() as esp_simulator:
+        data_dir = tmp_path / "data"
+        lanes = {"claim_batch": 20, "max_inflight_batches": 1}
+        config = write_config(
+            tmp_path / "swu.toml",
+            data_dir,
+            esp_simulator.url,
+            delivery=lanes,
+            grace=1,
+            esp_timeout=60,
+        )
+        server = ServerHandle(config, data_dir, esp_simulator)
+        try:
+            server.start()
+            server.put_template("order", {"en": ORDER})
+            esp_simulator.set_faults(latency_ms=120_000)  # longer than the account's 60 s timeout
+            ids = [r.message_id for r in send_batch(server, 0)]
+            wait_until(
+                lambda: esp_simulator.stats()["in_flight"] > 0, "no ESP call reached the simulator"
+            )
+            cut = leased(data_dir)
+            assert cut and len(cut) < len(ids)
+            # The 20 s bound is far above the 1 s grace and below the 60 s the hung call would take.
+            assert server.stop(signal.SIGTERM, timeout=20) == 0
+            assert not leased(data_dir)
+            with sqlite3.connect(data_dir / "swu.db") as db:
+                rows = db.execute(
+                    "SELECT id, state, esp, maybe_sent, attempts FROM messages"
+                ).fetchall()
+            queued = delivery_pb2.MESSAGE_STATE_QUEUED
+            assert {state for _, state, *_ in rows} == {queued}
+            assert {i for i, _, _, maybe, _ in rows if maybe} == cut
+            assert {(esp, attempts) for i, _, esp, _, attempts in rows if i in cut} == {("sg", 1)}
+            assert {(esp, attempts) for i, _, esp, _, attempts in rows if i not in cut} == {("", 0)}
+            esp_simulator.set_faults(latency_ms=0)
+            server.start()
+            done = server.wait_for_state(ids, timeout=60)
+            assert {STATE_NAMES[m.state] for m in done.values()} == {"SENT"}
+        finally:
+            server.stop()

@@ -366,8 +366,9 @@ async def test_ses_and_smtp_refused_connections_are_surely_not_sent() -> None:
         assert (outcome.kind, outcome.maybe_sent) == (OutcomeKind.RETRY, False), outcome
 
 
-async def test_a_schema_2_outbox_gets_the_lane_indexes_and_maybe_sent(tmp_path: Path) -> None:
-    """Opening a data directory of the previous schema adds messages.maybe_sent, swaps indexes."""
+async def test_a_schema_2_outbox_is_upgraded_in_place(tmp_path: Path) -> None:
+    """Opening a schema 2 data directory adds messages.maybe_sent, swaps the claim indexes and
+    rebuilds the WITHOUT ROWID messages table as a rowid table, keeping every row."""
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path)
     old_messages = (
@@ -383,6 +384,14 @@ async def test_a_schema_2_outbox_gets_the_lane_indexes_and_maybe_sent(tmp_path: 
         "CREATE INDEX messages_ready ON messages (priority, due_at) WHERE state = 1;"
         "PRAGMA user_version=2;"
     )
+    old_row = ("m1", 1, 2, 5.0, 0.0, "order", 3, "fr", "a@example.com", b"\x01\x02", 1, "sg")
+    conn.execute(
+        "INSERT INTO messages (id, state, priority, due_at, lease_until, template_id,"
+        " template_version, locale, recipient, payload, attempts, esp, created_at, updated_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, 2)",
+        old_row,
+    )
+    conn.commit()
     conn.close()
     db = Database(path, synchronous="OFF")
     await db.open()
@@ -390,6 +399,14 @@ async def test_a_schema_2_outbox_gets_the_lane_indexes_and_maybe_sent(tmp_path: 
     conn = sqlite3.connect(path)
     columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
     indexes = {row[1] for row in conn.execute("PRAGMA index_list(messages)")}
+    (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'messages'").fetchone()
+    rows = conn.execute(
+        "SELECT id, state, priority, due_at, lease_until, template_id, template_version, locale,"
+        " recipient, payload, attempts, esp, maybe_sent FROM messages"
+    ).fetchall()
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     conn.close()
     assert "maybe_sent" in columns
     assert {"messages_fresh", "messages_retry"} <= indexes and "messages_ready" not in indexes
+    assert "WITHOUT ROWID" not in sql.upper() and "messages_rowid" not in tables
+    assert rows == [(*old_row, 0)]
