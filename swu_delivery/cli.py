@@ -123,7 +123,13 @@ def _serve(args: argparse.Namespace) -> int:
     from swu_delivery.config import ConfigError, load_config
 
     try:
-        config = load_config(args.config, listen=args.listen, data_dir=args.data_dir)
+        config = load_config(
+            args.config,
+            listen=args.listen,
+            data_dir=args.data_dir,
+            log_level=args.log_level,
+            log_format=args.log_format,
+        )
         if args.workers > 1:  # before anything imports prometheus_client
             from swu_delivery.workers import prepare_metrics_dir
 
@@ -719,6 +725,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", metavar="HOST:PORT")
     serve.add_argument("--data-dir", type=Path, metavar="DIR")
     serve.add_argument("--workers", type=_positive, default=1, metavar="N")
+    serve.add_argument(
+        "--log-level", metavar="LEVEL", help="debug, info, warning, error (overrides log_level)"
+    )
+    serve.add_argument(
+        "--log-format",
+        choices=("json", "text", "auto"),
+        help="json lines, text, or auto: json unless stderr is a terminal (overrides log_format)",
+    )
     serve.set_defaults(func=_serve)
 
     sim = sub.add_parser("esp-simulator", add_help=False, help="run the ESP simulator")

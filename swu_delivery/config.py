@@ -267,11 +267,25 @@ def _routes(delivery: DeliveryConfig, tables: list[Any], names: list[str]) -> De
     return replace(delivery, route=route, template_routes=by_template)
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("json", "text", "auto")
+
+
+def _check_logging(config: Config) -> None:
+    level, form = config.log_level, config.log_format
+    if not isinstance(level, str) or level.upper() not in LOG_LEVELS:
+        raise ConfigError(f"log_level: one of {', '.join(LOG_LEVELS).lower()}, not {level!r}")
+    if form not in LOG_FORMATS:
+        raise ConfigError(f"log_format: one of {', '.join(LOG_FORMATS)}, not {form!r}")
+
+
 def load_config(
     path: Path | None = None,
     *,
     listen: str | None = None,
     data_dir: Path | None = None,
+    log_level: str | None = None,
+    log_format: str | None = None,
 ) -> Config:
     """Read `path` (TOML) if given, apply the command-line overrides, fill embedded defaults."""
     raw: dict[str, Any] = {}
@@ -310,6 +324,11 @@ def load_config(
         config = replace(config, listen=listen)
     if data_dir is not None:
         config = replace(config, data_dir=data_dir)
+    if log_level is not None:
+        config = replace(config, log_level=log_level)
+    if log_format is not None:
+        config = replace(config, log_format=log_format)
+    _check_logging(config)
     if not config.esps:
         # Embedded default: deliver to the built-in simulator so no provider account is needed.
         sim = replace(config.simulator, enabled=True)

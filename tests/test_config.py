@@ -52,8 +52,20 @@ def serve_with(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
             SG.format(name="a", more='api_key = "k-secret-123"'),
             "esp[0].api_key: put it in api_key_env or api_key_file",
         ),
+        ('log_level = "LOUD"\n', "log_level: one of debug, info, warning, error, critical"),
+        ('log_format = "xml"\n', "log_format: one of json, text, auto, not 'xml'"),
     ],
-    ids=["esp-table", "unknown-key", "typo-option", "unknown-kind", "default-esp", "ttl", "key"],
+    ids=[
+        "esp-table",
+        "unknown-key",
+        "typo-option",
+        "unknown-kind",
+        "default-esp",
+        "ttl",
+        "key",
+        "log-level",
+        "log-format",
+    ],
 )
 def test_bad_config_is_one_clear_error(tmp_path: Path, text: str, expected: str) -> None:
     """No traceback, the key named, and never the API key's value."""
@@ -72,3 +84,21 @@ def test_default_esp_is_the_first_account(tmp_path: Path, monkeypatch: pytest.Mo
     loaded = load_config(config)
     assert (loaded.delivery.default_esp, loaded.delivery.max_attempts) == ("main", 3)
     assert not loaded.simulator.enabled
+
+
+def test_log_flags_override_the_file_and_are_checked(tmp_path: Path) -> None:
+    """serve --log-level/--log-format win over the config file; a bad value is one clear line."""
+    config = tmp_path / "swu.toml"
+    config.write_text('log_level = "INFO"\nlog_format = "json"\n')
+    loaded = load_config(config, log_level="debug", log_format="text")
+    assert (loaded.log_level, loaded.log_format) == ("debug", "text")
+    command = [sys.executable, "-m", "swu_delivery", "serve", "--config", str(config)]
+    done = subprocess.run(
+        [*command, "--log-level", "chatty"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2 and "log_level: one of debug" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
