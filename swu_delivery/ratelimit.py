@@ -268,9 +268,11 @@ class AccountLimiter:
         if not self._slots.locked() or deadline == math.inf:
             await self._slots.acquire()
             return
-        # Slots free up as calls end, which only the event loop's clock measures.
+        # Slots free up as calls end, which only the event loop's clock measures. (A timeout
+        # scope, not wait_for: no extra task per call while every slot is busy.)
         try:
-            await asyncio.wait_for(self._slots.acquire(), max(0.0, self._until(deadline)))
+            async with asyncio.timeout(max(0.0, self._until(deadline))):
+                await self._slots.acquire()
         except TimeoutError:
             raise self._defer(cost, self.expected_wait(cost)) from None
 
