@@ -378,6 +378,8 @@ class HttpAdapter(Adapter):
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
+            # ESP APIs authenticate by header; a cookie jar would only cost CPU on every call.
+            cookie_jar=aiohttp.DummyCookieJar(),
             timeout=aiohttp.ClientTimeout(total=self.account.timeout),
             json_serialize=lambda obj: orjson.dumps(obj).decode(),
             headers=self.auth_headers(),
