@@ -45,7 +45,13 @@ import orjson
 from benchmarks import bench_send
 from benchmarks.bench_send import Child, percentile
 from benchmarks.loadgen import LoadGenerator, LoadPlan, LoadResult
-from benchmarks.procs import CpuSample, rss_by_process, tree_cpu_seconds, tree_peak_rss_mb
+from benchmarks.procs import (
+    CpuSample,
+    rss_by_process,
+    tree_cpu_seconds,
+    tree_peak_rss_mb,
+    tree_pss_mb,
+)
 from benchmarks.report import environment, print_report
 from benchmarks.stack import (
     KEY_ENV,
@@ -227,6 +233,7 @@ def stalled_phase(rig: Rig) -> dict[str, Any]:
     finally:
         rig.control.unstall()
     result["server_peak_rss_mb"], _ = tree_peak_rss_mb(rig.server.child.pid)
+    result["server_pss_mb"] = tree_pss_mb(rig.server.child.pid)
     return {"plug_messages": plug, **result}
 
 
@@ -319,6 +326,7 @@ def run_phases(rig: Rig, result: dict[str, Any]) -> None:
     args, pid = rig.args, rig.server.child.pid
     main = result["main"] = main_phase(rig)
     result["server_peak_rss_mb"], result["server_processes"] = tree_peak_rss_mb(pid)
+    result["server_pss_mb"] = tree_pss_mb(pid)
     floor = result["floor"]
     result["ratio_to_floor"] = main["server_cpu_us_per_msg"] / floor["render_us"]
     result["ratio_to_floor_plus_post"] = main["server_cpu_us_per_msg"] / floor["plus_post_us"]

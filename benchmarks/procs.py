@@ -59,6 +59,21 @@ def tree_peak_rss_mb(root: int) -> tuple[float, int]:
     return total_kb / 1024, count
 
 
+def tree_pss_mb(root: int) -> float:
+    """Sum of Pss over the tree in MiB, now: each page shared by k processes counts 1/k.
+
+    Unlike summed VmHWM this does not count pages that forked workers share several times, but it
+    is the current size, not the peak. 0.0 when the kernel has no smaps_rollup.
+    """
+    total_kb = 0
+    for pid in tree_pids(root):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total_kb += int(line.split()[1])
+    return total_kb / 1024
+
+
 def rss_by_process(root: int) -> list[dict[str, Any]]:
     """Each process of the tree: pid, command line (shortened), VmHWM and VmRSS in MiB."""
     found = []

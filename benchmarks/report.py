@@ -139,7 +139,7 @@ def _headline_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         (
             "server RSS",
             f"peak {r['server_peak_rss_mb']:.0f} MiB after main over {r['server_processes']} "
-            f"process(es)   target {TARGETS['rss']}",
+            f"process(es), PSS then {r.get('server_pss_mb', 0):.0f} MiB   target {TARGETS['rss']}",
         )
     )
     if stalled is not None:
@@ -147,7 +147,8 @@ def _headline_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
             (
                 "server RSS queued",
                 f"peak {stalled['server_peak_rss_mb']:.0f} MiB "
-                f"with {stalled['accepted']:,} more queued",
+                f"with {stalled['accepted']:,} more queued, PSS then "
+                f"{stalled.get('server_pss_mb', 0):.0f} MiB",
             )
         )
     return rows
