@@ -13,7 +13,7 @@ import orjson
 from swu_delivery import metrics
 from swu_delivery._proto.swu.delivery.v1 import common_pb2, delivery_pb2
 from swu_delivery.errors import AlreadyExists, SwuError, TemplateRenderError, Unavailable
-from swu_delivery.outbox import NewMessage, Outbox
+from swu_delivery.outbox import BULK, TRANSACTIONAL, NewMessage, Outbox
 from swu_delivery.requeue import requeue
 from swu_delivery.sandbox import TemplateEngine
 from swu_delivery.templates import TemplateCache, TemplateStore
@@ -24,9 +24,9 @@ __all__ = ["Intake", "new_message_ids"]
 log = logging.getLogger(__name__)
 
 _PRIORITY = {
-    delivery_pb2.PRIORITY_UNSPECIFIED: 1,
-    delivery_pb2.PRIORITY_TRANSACTIONAL: 1,
-    delivery_pb2.PRIORITY_BULK: 2,
+    delivery_pb2.PRIORITY_UNSPECIFIED: TRANSACTIONAL,
+    delivery_pb2.PRIORITY_TRANSACTIONAL: TRANSACTIONAL,
+    delivery_pb2.PRIORITY_BULK: BULK,
 }
 
 
@@ -118,7 +118,7 @@ class Intake:
             rows.append(
                 NewMessage(
                     id=ids[n],
-                    priority=_PRIORITY.get(email.priority, 1),
+                    priority=_PRIORITY.get(email.priority, TRANSACTIONAL),
                     due_at=max(now, email.send_at.ToNanoseconds() / 1e9)
                     if email.HasField("send_at")
                     else now,

@@ -15,8 +15,6 @@ from datetime import UTC, datetime
 
 import orjson
 
-from swu_delivery.config import ConfigError
-
 __all__ = ["ESP", "REQUEST_ID", "JsonFormatter", "configure_logging"]
 
 REQUEST_ID: ContextVar[str] = ContextVar("swu_request_id", default="")
@@ -55,9 +53,8 @@ def configure_logging(level: str, log_format: str, *, worker: int | None = None)
     """Root logging to stderr: `json`, `text`, or `auto` (JSON unless stderr is a terminal).
 
     `worker` is the index of this worker process (`serve --workers N`); lines then carry it.
+    Both values were checked when the config loaded (`config.load_config`).
     """
-    if log_format not in ("json", "text", "auto"):
-        raise ConfigError(f"log_format: json, text or auto, not {log_format!r}")
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "auto":
         log_format = "text" if sys.stderr.isatty() else "json"

@@ -25,6 +25,9 @@ QUEUED = delivery_pb2.MESSAGE_STATE_QUEUED
 SENT = delivery_pb2.MESSAGE_STATE_SENT
 FAILED = delivery_pb2.MESSAGE_STATE_FAILED
 SUPPRESSED = delivery_pb2.MESSAGE_STATE_SUPPRESSED
+# Stored priority (messages.priority); the fresh lane claims them in this order.
+TRANSACTIONAL, BULK = 1, 2
+PRIORITIES = (TRANSACTIONAL, BULK)
 
 
 @dataclass(slots=True)
@@ -153,7 +156,6 @@ _RETRY = (
     "SELECT id FROM messages WHERE state = 1 AND attempts > 0 AND due_at <= ?"
     " AND lease_until <= ? ORDER BY due_at LIMIT ? OFFSET ?"
 )  # index messages_retry
-PRIORITIES = (1, 2)  # stored priority: 1 transactional, 2 bulk; claimed in this order
 
 
 def _retries(conn: sqlite3.Connection, now: float, limit: int, skip: int) -> list[str]:
