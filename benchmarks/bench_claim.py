@@ -18,7 +18,9 @@ from pathlib import Path
 from swu_delivery.db import SCHEMA
 from swu_delivery.outbox import _claim
 
-COLUMNS = "id, state, priority, due_at, template_id, template_version, locale, payload, recipient"
+COLUMNS = (
+    "id, state, priority, due_at, template_id, template_version, locale, payload_id, recipient"
+)
 
 
 def build(path: Path, scheduled: int, due: int) -> sqlite3.Connection:
@@ -31,7 +33,7 @@ def build(path: Path, scheduled: int, due: int) -> sqlite3.Connection:
     conn.execute("BEGIN")
     conn.executemany(
         f"INSERT INTO messages ({COLUMNS}, created_at, updated_at)"
-        " VALUES (?, ?, ?, ?, 't', 1, '', x'', 'x@example.com', 0, 0)",
+        " VALUES (?, ?, ?, ?, 't', 1, '', 0, 'x@example.com', 0, 0)",
         rows,
     )
     conn.execute("COMMIT")

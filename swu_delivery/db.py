@@ -20,10 +20,11 @@ __all__ = ["Database", "transaction"]
 P = ParamSpec("P")
 T = TypeVar("T")
 
-SCHEMA_VERSION = 4  # 2: suppressions.note; 3: messages.maybe_sent, claim lanes; 4: rowid messages
+SCHEMA_VERSION = 5  # 2: suppressions.note; 3: maybe_sent, claim lanes; 4: rowid; 5: payloads
 # One row per accepted message: the durable outbox (state 1 = queued) and the ledger at once.
-# A rowid table, not WITHOUT ROWID: a row carries its 1-2 KB payload, which a WITHOUT ROWID
-# table spills to overflow pages that every claim and record rewrites (2.2x the database CPU).
+# A claim and a recorded outcome each rewrite the whole row, so the 1-2 KB accepted Email lives
+# in its own table (payloads), written once: the row they rewrite is ~150 bytes. A rowid table,
+# not WITHOUT ROWID, which would spill even small rows' text to overflow pages less readily.
 MESSAGES_TABLE = """CREATE TABLE IF NOT EXISTS {name} (
     id               TEXT PRIMARY KEY,
     state            INTEGER NOT NULL,  -- 1 queued, 2 sent, 3 failed, 7 suppressed (ESP events
@@ -35,7 +36,7 @@ MESSAGES_TABLE = """CREATE TABLE IF NOT EXISTS {name} (
     template_version INTEGER NOT NULL,
     locale           TEXT NOT NULL,
     recipient        TEXT NOT NULL,
-    payload          BLOB NOT NULL,     -- the accepted Email protobuf, deterministic encoding
+    payload_id       INTEGER NOT NULL,  -- payloads.id: the accepted Email
     attempts         INTEGER NOT NULL DEFAULT 0,
     esp              TEXT NOT NULL DEFAULT '',  -- the last attempt's account (or the sender's)
     maybe_sent       INTEGER NOT NULL DEFAULT 0,  -- the last attempt may have reached its esp
@@ -72,6 +73,11 @@ CREATE INDEX IF NOT EXISTS messages_fresh ON messages (priority, due_at)
     WHERE state = 1 AND attempts = 0;
 CREATE INDEX IF NOT EXISTS messages_retry ON messages (due_at) WHERE state = 1 AND attempts > 0;
 CREATE INDEX IF NOT EXISTS messages_template ON messages (template_id, template_version);
+-- The accepted Email protobuf of each message (deterministic encoding), written once at accept.
+CREATE TABLE IF NOT EXISTS payloads (
+    id      INTEGER PRIMARY KEY,
+    payload BLOB NOT NULL
+);
 -- A message's history after acceptance (its QUEUED event is implied by the row): what the
 -- delivery lane did, and what ESP webhooks reported. seq is the WatchEvents cursor.
 CREATE TABLE IF NOT EXISTS events (
@@ -122,23 +128,32 @@ ADDED_COLUMNS = (
 DROPPED_INDEXES = ("messages_ready",)  # one claim index before the fresh and retry lanes
 
 
-def _rowid_messages(conn: sqlite3.Connection) -> bool:
-    """Rebuild a WITHOUT ROWID messages table (schema 3 and older) as a rowid table.
+def _rebuild_messages(conn: sqlite3.Connection) -> bool:
+    """Rebuild a messages table of schema 4 or older, which holds each payload in its row.
 
-    Copies every row in one transaction and drops the old table with its indexes; the caller
-    runs SCHEMA again to create them. True when it rebuilt.
+    Moves every payload to `payloads` and copies every row to a rowid table of the current
+    layout (schema 3 and older were WITHOUT ROWID), in one transaction, then drops the old table
+    with its indexes; the caller runs SCHEMA again to create them. True when it rebuilt.
     """
-    row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'messages'")
-    found = row.fetchone()
-    if found is None or "WITHOUT ROWID" not in found[0].upper():
+    columns = [row[1] for row in conn.execute("PRAGMA table_info(messages)")]
+    if "payload" not in columns:
         return False
-    names = ", ".join(r[1] for r in conn.execute("PRAGMA table_info(messages)"))
+    kept = ", ".join(c for c in columns if c != "payload")
+    # Both statements number the rows the same way (ids are unique), so payload_id matches.
+    number = "? + row_number() OVER (ORDER BY id)"
     with transaction(conn):
-        conn.execute("DROP TABLE IF EXISTS messages_rowid")  # a rebuild cut short earlier
-        conn.execute(MESSAGES_TABLE.format(name="messages_rowid"))
-        conn.execute(f"INSERT INTO messages_rowid ({names}) SELECT {names} FROM messages")
+        conn.execute("DROP TABLE IF EXISTS messages_new")  # a rebuild cut short earlier
+        conn.execute(MESSAGES_TABLE.format(name="messages_new"))
+        (base,) = conn.execute("SELECT coalesce(max(id), 0) FROM payloads").fetchone()
+        conn.execute(
+            f"INSERT INTO payloads (id, payload) SELECT {number}, payload FROM messages", (base,)
+        )
+        conn.execute(
+            f"INSERT INTO messages_new ({kept}, payload_id) SELECT {kept}, {number} FROM messages",
+            (base,),
+        )
         conn.execute("DROP TABLE messages")
-        conn.execute("ALTER TABLE messages_rowid RENAME TO messages")
+        conn.execute("ALTER TABLE messages_new RENAME TO messages")
     return True
 
 
@@ -185,7 +200,7 @@ class Database:
             raise RuntimeError(f"{self.path}: schema {version} is newer than this release")
         conn.executescript(SCHEMA)
         _add_missing_columns(conn)
-        if _rowid_messages(conn):
+        if _rebuild_messages(conn):
             conn.executescript(SCHEMA)  # the indexes went with the old table
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._conn = conn

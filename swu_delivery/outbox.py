@@ -119,9 +119,15 @@ def _accept(
                 new_keys.append((key, row.id, row.digest, now))
             inserts.append(row)
             results.append(Accepted(row.id))
+        # Explicit payload ids: this transaction holds the write lock, so none is taken meanwhile.
+        (base,) = conn.execute("SELECT coalesce(max(id), 0) FROM payloads").fetchone()
+        conn.executemany(
+            "INSERT INTO payloads (id, payload) VALUES (?, ?)",
+            [(base + n, r.payload) for n, r in enumerate(inserts, 1)],
+        )
         conn.executemany(
             "INSERT INTO messages (id, state, priority, due_at, template_id, template_version,"
-            " locale, recipient, payload, idempotency_key, created_at, updated_at)"
+            " locale, recipient, payload_id, idempotency_key, created_at, updated_at)"
             f" VALUES (?, {QUEUED}, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
@@ -132,12 +138,12 @@ def _accept(
                     r.template_version,
                     r.locale,
                     r.recipient,
-                    r.payload,
+                    base + n,
                     r.idempotency_key,
                     now,
                     now,
                 )
-                for r in inserts
+                for n, r in enumerate(inserts, 1)
             ],
         )
         if new_keys:
@@ -197,7 +203,8 @@ def _claim(
         cur = conn.execute(
             "UPDATE messages SET lease_until = ?1, due_at = ?1, attempts = attempts + 1,"
             " updated_at = ?2 WHERE id IN (SELECT value FROM json_each(?3))"
-            " RETURNING id, payload, template_id, template_version, locale, attempts, recipient,"
+            " RETURNING id, (SELECT payload FROM payloads WHERE payloads.id = payload_id),"
+            " template_id, template_version, locale, attempts, recipient,"
             " esp, maybe_sent, reason",
             (now + lease, now, orjson.dumps(ids).decode()),
         )

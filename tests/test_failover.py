@@ -366,30 +366,43 @@ async def test_ses_and_smtp_refused_connections_are_surely_not_sent() -> None:
         assert (outcome.kind, outcome.maybe_sent) == (OutcomeKind.RETRY, False), outcome
 
 
-async def test_a_schema_2_outbox_is_upgraded_in_place(tmp_path: Path) -> None:
-    """Opening a schema 2 data directory adds messages.maybe_sent, swaps the claim indexes and
-    rebuilds the WITHOUT ROWID messages table as a rowid table, keeping every row."""
+OLD_MESSAGES = (
+    "CREATE TABLE messages (id TEXT PRIMARY KEY, state INTEGER NOT NULL, priority INTEGER"
+    " NOT NULL, due_at REAL NOT NULL, lease_until REAL NOT NULL DEFAULT 0, template_id TEXT"
+    " NOT NULL, template_version INTEGER NOT NULL, locale TEXT NOT NULL, recipient TEXT NOT"
+    " NULL, payload BLOB NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, esp TEXT NOT NULL"
+    " DEFAULT '', {maybe_sent}esp_message_id TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL"
+    " DEFAULT '', idempotency_key TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL)"
+)
+OLD_SCHEMAS = {
+    # schema 2: WITHOUT ROWID, one claim index, no maybe_sent
+    2: OLD_MESSAGES.format(maybe_sent="") + " WITHOUT ROWID;"
+    "CREATE INDEX messages_ready ON messages (priority, due_at) WHERE state = 1;",
+    # schema 4: a rowid table whose rows hold their payload
+    4: OLD_MESSAGES.format(maybe_sent="maybe_sent INTEGER NOT NULL DEFAULT 0, ") + ";"
+    "CREATE INDEX messages_fresh ON messages (priority, due_at) WHERE state = 1 AND attempts = 0;",
+}
+
+
+@pytest.mark.parametrize("version", sorted(OLD_SCHEMAS))
+async def test_an_old_outbox_is_upgraded_in_place(tmp_path: Path, version: int) -> None:
+    """Opening a schema 2 or 4 data directory moves every payload to the payloads table and
+    rebuilds messages as a rowid table of the current layout (schema 2 also gains maybe_sent and
+    the lane indexes), keeping every row; queued messages are then claimed with their payloads,
+    and new ones accepted after them get payloads of their own."""
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path)
-    old_messages = (
-        "CREATE TABLE messages (id TEXT PRIMARY KEY, state INTEGER NOT NULL, priority INTEGER"
-        " NOT NULL, due_at REAL NOT NULL, lease_until REAL NOT NULL DEFAULT 0, template_id TEXT"
-        " NOT NULL, template_version INTEGER NOT NULL, locale TEXT NOT NULL, recipient TEXT NOT"
-        " NULL, payload BLOB NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, esp TEXT NOT NULL"
-        " DEFAULT '', esp_message_id TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '',"
-        " idempotency_key TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL) WITHOUT ROWID"
-    )
-    conn.executescript(
-        f"{old_messages};"
-        "CREATE INDEX messages_ready ON messages (priority, due_at) WHERE state = 1;"
-        "PRAGMA user_version=2;"
-    )
-    old_row = ("m1", 1, 2, 5.0, 0.0, "order", 3, "fr", "a@example.com", b"\x01\x02", 1, "sg")
-    conn.execute(
+    conn.executescript(f"{OLD_SCHEMAS[version]} PRAGMA user_version={version};")
+    old_rows = [
+        ("m1", 1, 2, 5.0, 0.0, "order", 3, "fr", "a@example.com", b"\x01\x02", 1, "sg"),
+        ("m0", 2, 1, 4.0, 0.0, "order", 3, "", "b@example.com", b"\x03" * 3000, 1, "sg"),
+        ("m2", 1, 1, 6.0, 0.0, "welcome", 1, "", "c@example.com", b"\x04", 0, ""),
+    ]
+    conn.executemany(
         "INSERT INTO messages (id, state, priority, due_at, lease_until, template_id,"
         " template_version, locale, recipient, payload, attempts, esp, created_at, updated_at)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, 2)",
-        old_row,
+        old_rows,
     )
     conn.commit()
     conn.close()
@@ -401,12 +414,28 @@ async def test_a_schema_2_outbox_is_upgraded_in_place(tmp_path: Path) -> None:
     indexes = {row[1] for row in conn.execute("PRAGMA index_list(messages)")}
     (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'messages'").fetchone()
     rows = conn.execute(
-        "SELECT id, state, priority, due_at, lease_until, template_id, template_version, locale,"
-        " recipient, payload, attempts, esp, maybe_sent FROM messages"
+        "SELECT m.id, state, priority, due_at, lease_until, template_id, template_version,"
+        " locale, recipient, p.payload, attempts, esp, maybe_sent"
+        " FROM messages m JOIN payloads p ON p.id = m.payload_id ORDER BY m.id"
     ).fetchall()
     tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    (version_now,) = conn.execute("PRAGMA user_version").fetchone()
     conn.close()
-    assert "maybe_sent" in columns
+    assert version_now == 5
+    assert {"maybe_sent", "payload_id"} <= columns and "payload" not in columns
     assert {"messages_fresh", "messages_retry"} <= indexes and "messages_ready" not in indexes
-    assert "WITHOUT ROWID" not in sql.upper() and "messages_rowid" not in tables
-    assert rows == [(*old_row, 0)]
+    assert "WITHOUT ROWID" not in sql.upper() and "messages_new" not in tables
+    assert rows == sorted((*row, 0) for row in old_rows)
+    db = Database(path, synchronous="OFF")  # opened again: nothing left to upgrade
+    await db.open()
+    outbox = Outbox(db, idempotency_ttl=60.0)
+    new = NewMessage("m3", 1, 1.0, "welcome", 1, "", "d@example.com", b"\x05\x06")
+    await outbox.accept([new])
+    claimed = await outbox.claim(10, 60.0)
+    await db.close()
+    # queued: m1 (a retry, attempts 1) and the fresh m2, m3; m0 was sent
+    assert {c.id: c.payload for c in claimed} == {
+        "m1": b"\x01\x02",
+        "m2": b"\x04",
+        "m3": b"\x05\x06",
+    }
