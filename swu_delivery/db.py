@@ -23,8 +23,8 @@ T = TypeVar("T")
 SCHEMA_VERSION = 5  # 2: suppressions.note; 3: maybe_sent, claim lanes; 4: rowid; 5: payloads
 # One row per accepted message: the durable outbox (state 1 = queued) and the ledger at once.
 # A claim and a recorded outcome each rewrite the whole row, so the 1-2 KB accepted Email lives
-# in its own table (payloads), written once: the row they rewrite is ~150 bytes. A rowid table,
-# not WITHOUT ROWID, which would spill even small rows' text to overflow pages less readily.
+# in its own table (payloads), written once: the row they rewrite is ~150 bytes. Both are rowid
+# tables: schema 3 kept messages WITHOUT ROWID, whose big rows went to overflow pages.
 MESSAGES_TABLE = """CREATE TABLE IF NOT EXISTS {name} (
     id               TEXT PRIMARY KEY,
     state            INTEGER NOT NULL,  -- 1 queued, 2 sent, 3 failed, 7 suppressed (ESP events
