@@ -63,6 +63,9 @@ class CompiledPart:
 
     name: str
     template: Template
+    #: the template's globals as a plain dict: merged with each render's data in one step (its
+    #: own globals are a ChainMap over the environment's, which Jinja copies key by key)
+    globals: dict[str, Any]
 
 
 class TemplateEngine:
@@ -85,7 +88,7 @@ class TemplateEngine:
             template = env.template_class.from_code(env, code, env.make_globals(None))
         except Exception as exc:
             raise TemplateSyntaxError(_compile_message(exc), field=name) from None
-        return CompiledPart(name=name, template=template)
+        return CompiledPart(name=name, template=template, globals=dict(template.globals))
 
     def render(self, part: CompiledPart, context: Mapping[str, Any]) -> str:
         """Render `part` with `context`; raises TemplateRenderError for any failure."""
@@ -122,7 +125,10 @@ class TemplateEngine:
         token = _budget.set(budget)
         try:
             template = part.template
-            chunks = template.root_render_func(template.new_context(dict(context)))
+            # The data may shadow a global, as in Jinja's own new_context; shared=True takes this
+            # fresh dict as the context's parent instead of copying it again.
+            parent = {**part.globals, **context}
+            chunks = template.root_render_func(template.new_context(parent, shared=True))
             return self._render_output(chunks, budget)
         finally:
             _budget.reset(token)
