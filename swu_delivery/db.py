@@ -8,6 +8,8 @@ short, complete unit of work; `transaction(conn)` wraps it in BEGIN IMMEDIATE ..
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import sqlite3
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -166,16 +168,36 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
         conn.execute(f"DROP INDEX IF EXISTS {index}")
 
 
+class Connection(sqlite3.Connection):
+    """A connection that knows its data directory's writer lock (see `transaction`)."""
+
+    writer_lock: int | None = None
+
+
 @contextmanager
 def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """BEGIN IMMEDIATE (take the write lock up front) ... COMMIT, or ROLLBACK on error."""
-    conn.execute("BEGIN IMMEDIATE")
+    """BEGIN IMMEDIATE (take the write lock up front) ... COMMIT, or ROLLBACK on error.
+
+    Writers of one data directory (the workers of `serve --workers N`) first queue on its
+    writer lock, a kernel lock that wakes the next writer the moment the holder is done.
+    SQLite's own busy handler would instead have each waiting writer sleep and retry, with
+    sleeps growing to 100 ms, so a worker whose transactions run back to back could keep a
+    second one waiting for seconds (measured: up to 2.2 s with 2 workers under load).
+    """
+    lock = getattr(conn, "writer_lock", None)
+    if lock is not None:
+        fcntl.flock(lock, fcntl.LOCK_EX)
     try:
-        yield conn
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    finally:
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class Database:
@@ -187,9 +209,18 @@ class Database:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swu-db")
         self._conn: sqlite3.Connection | None = None
 
+    @property
+    def lock_path(self) -> Path:
+        """The writer lock file beside the database (see `transaction`)."""
+        return self.path.with_name(self.path.name + ".lock")
+
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, factory=Connection
+        )
+        # Opened here, in the process that writes: a lock inherited across fork would be shared.
+        conn.writer_lock = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL: an acknowledged message survives a power loss, not only a process crash.
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
@@ -233,8 +264,11 @@ class Database:
     async def close(self) -> None:
         def _close() -> None:
             if self._conn is not None:
+                lock = getattr(self._conn, "writer_lock", None)
                 self._conn.close()
                 self._conn = None
+                if lock is not None:
+                    os.close(lock)
 
         await asyncio.get_running_loop().run_in_executor(self._executor, _close)
         self._executor.shutdown(wait=True)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import signal
 import sqlite3
 import time
 from collections import Counter
+from pathlib import Path
+
+import pytest
 
 from swu_delivery._proto.swu.delivery.v1 import delivery_pb2
+from swu_delivery.db import Database, transaction
 from tests.conftest import STATE_NAMES, ServerHandle, write_config
 from tests.helpers import ORDER, data, mk, sent_ids
 
@@ -80,3 +86,38 @@ def test_sigterm_drains_in_flight_and_keeps_the_rest(swu_server: ServerHandle) -
     delivered = Counter(sent_ids(swu_server.sim.requests(provider="sendgrid", status=202)))
     assert set(delivered) == set(ids)
     assert max(delivered.values()) == 1
+
+
+async def test_writers_of_one_data_directory_queue_on_its_writer_lock(tmp_path: Path) -> None:
+    """Every write transaction holds the data directory's writer lock (swu.db.lock), so the
+    workers of `serve --workers N` wait for each other in the kernel, woken the moment the
+    holder commits, not in SQLite's sleep-and-retry busy handler."""
+    db = Database(tmp_path / "swu.db", synchronous="OFF")
+    await db.open()
+    other = os.open(db.lock_path, os.O_RDWR)  # another process's view of the lock
+
+    def held() -> bool:
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(other, fcntl.LOCK_UN)
+        return False
+
+    def inside(conn: sqlite3.Connection) -> bool:
+        with transaction(conn):
+            return held()
+
+    def failing(conn: sqlite3.Connection) -> None:
+        with transaction(conn):
+            conn.execute("INSERT INTO no_such_table VALUES (1)")
+
+    try:
+        assert await db.run(inside) is True
+        assert held() is False  # released at COMMIT
+        with pytest.raises(sqlite3.OperationalError):
+            await db.run(failing)
+        assert held() is False  # and at ROLLBACK
+    finally:
+        os.close(other)
+        await db.close()
