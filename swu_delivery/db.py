@@ -11,13 +11,13 @@ import asyncio
 import fcntl
 import os
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-__all__ = ["Database", "transaction"]
+__all__ = ["Database", "execute_rows", "transaction"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -166,6 +166,34 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
     for index in DROPPED_INDEXES:
         conn.execute(f"DROP INDEX IF EXISTS {index}")
+
+
+# Rows per multi-row statement (`execute_rows`): 64 rows of at most 15 values stay under 999,
+# the smallest limit on parameters of any SQLite build.
+ROWS_PER_STATEMENT = 64
+
+
+def execute_rows(
+    conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[Any]], tail: str = ""
+) -> None:
+    """Run ``{head} VALUES (?, ...), (?, ...) {tail}`` over `rows`: a few statements, not one each.
+
+    `executemany` steps its statement once per row, and every step lets go of the GIL and then
+    waits to take it back; while the event loop renders a batch, each wait can last a whole
+    switch interval (5 ms), and the transaction holds the database's write lock meanwhile. Rows
+    go in chunks of 64, then 32, 16, ... 1, so only a few distinct statements reach the cache.
+    """
+    if not rows:
+        return
+    group = "(" + ",".join("?" * len(rows[0])) + ")"
+    done, size = 0, ROWS_PER_STATEMENT
+    while done < len(rows):
+        while size > len(rows) - done:
+            size //= 2
+        chunk = rows[done : done + size]
+        values = ",".join([group] * size)
+        conn.execute(f"{head} VALUES {values}{tail}", [v for row in chunk for v in row])
+        done += size
 
 
 class Connection(sqlite3.Connection):

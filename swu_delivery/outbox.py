@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import orjson
 
 from swu_delivery._proto.swu.delivery.v1 import delivery_pb2
-from swu_delivery.db import Database, transaction
+from swu_delivery.db import Database, execute_rows, transaction
 from swu_delivery.errors import FailedPrecondition, NotFound, SwuError
 
 __all__ = ["Accepted", "Claimed", "Completion", "NewMessage", "Outbox", "RequeueFilter"]
@@ -121,17 +121,19 @@ def _accept(
             results.append(Accepted(row.id))
         # Explicit payload ids: this transaction holds the write lock, so none is taken meanwhile.
         (base,) = conn.execute("SELECT coalesce(max(id), 0) FROM payloads").fetchone()
-        conn.executemany(
-            "INSERT INTO payloads (id, payload) VALUES (?, ?)",
+        execute_rows(
+            conn,
+            "INSERT INTO payloads (id, payload)",
             [(base + n, r.payload) for n, r in enumerate(inserts, 1)],
         )
-        conn.executemany(
+        execute_rows(
+            conn,
             "INSERT INTO messages (id, state, priority, due_at, template_id, template_version,"
-            " locale, recipient, payload_id, idempotency_key, created_at, updated_at)"
-            f" VALUES (?, {QUEUED}, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " locale, recipient, payload_id, idempotency_key, created_at, updated_at)",
             [
                 (
                     r.id,
+                    QUEUED,
                     r.priority,
                     r.due_at,
                     r.template_id,
@@ -146,8 +148,8 @@ def _accept(
                 for n, r in enumerate(inserts, 1)
             ],
         )
-        if new_keys:
-            conn.executemany("INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?)", new_keys)
+        remember = "INSERT OR REPLACE INTO idempotency (key, message_id, digest, created_at)"
+        execute_rows(conn, remember, new_keys)
     return results
 
 
@@ -216,31 +218,39 @@ def _claim(
 
 
 def _record(conn: sqlite3.Connection, completions: Sequence[Completion], now: float) -> None:
-    final = [c for c in completions if c.state != QUEUED]
-    again = [c for c in completions if c.state == QUEUED]
     with transaction(conn):
-        conn.executemany(
-            "UPDATE messages SET state = ?, esp = ?, esp_message_id = ?, reason = ?,"
-            " lease_until = 0, updated_at = ? WHERE id = ?",
-            [(c.state, c.esp, c.esp_message_id, c.reason, now, c.message_id) for c in final],
-        )
-        conn.executemany(
-            "UPDATE messages SET due_at = ?, reason = ?, esp = ?, maybe_sent = ?, lease_until = 0,"
-            " updated_at = ?, attempts = max(attempts - ?, 0) WHERE id = ?",
+        execute_rows(
+            conn,
+            "UPDATE messages SET state = v.column2, esp = v.column3, esp_message_id = v.column4,"
+            " reason = v.column5, lease_until = 0, updated_at = v.column6 FROM (",
             [
-                (c.due_at, c.reason, c.esp, int(c.maybe_sent), now, int(c.refund), c.message_id)
-                for c in again
+                (c.message_id, c.state, c.esp, c.esp_message_id, c.reason, now)
+                for c in completions
+                if c.state != QUEUED
             ],
+            ") AS v WHERE messages.id = v.column1",
         )
-        conn.executemany(
-            "INSERT INTO events (message_id, time, type, esp, detail, attempt)"
-            f" VALUES (?, ?, {_EV.EVENT_TYPE_QUEUED}, ?, ?, ?)",
-            [(c.message_id, now, c.esp, c.failover, c.attempt) for c in completions if c.failover],
-        )
-        conn.executemany(
-            "INSERT INTO events (message_id, time, type, esp, detail, attempt)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
+        execute_rows(
+            conn,
+            "UPDATE messages SET due_at = v.column2, reason = v.column3, esp = v.column4,"
+            " maybe_sent = v.column5, lease_until = 0, updated_at = v.column6,"
+            " attempts = max(attempts - v.column7, 0) FROM (",
             [
+                (c.message_id, c.due_at, c.reason, c.esp, int(c.maybe_sent), now, int(c.refund))
+                for c in completions
+                if c.state == QUEUED
+            ],
+            ") AS v WHERE messages.id = v.column1",
+        )
+        execute_rows(
+            conn,
+            "INSERT INTO events (message_id, time, type, esp, detail, attempt)",
+            [
+                (c.message_id, now, _EV.EVENT_TYPE_QUEUED, c.esp, c.failover, c.attempt)
+                for c in completions
+                if c.failover
+            ]
+            + [
                 (c.message_id, now, c.event, c.esp, c.esp_message_id or c.reason, c.attempt)
                 for c in completions
             ],

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from swu_delivery._proto.swu.delivery.v1 import delivery_pb2
-from swu_delivery.db import Database, transaction
+from swu_delivery.db import Database, execute_rows, transaction
 from tests.conftest import STATE_NAMES, ServerHandle, write_config
 from tests.helpers import ORDER, data, mk, sent_ids
 
@@ -121,3 +121,20 @@ async def test_writers_of_one_data_directory_queue_on_its_writer_lock(tmp_path: 
     finally:
         os.close(other)
         await db.close()
+
+
+@pytest.mark.parametrize("count", [1, 5, 63, 64, 65, 127, 200, 500])
+def test_execute_rows_writes_every_row_once_in_order(count: int) -> None:
+    """Multi-row statements (chunks of 64, then halves) carry every row, whatever the count."""
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE t (seq INTEGER PRIMARY KEY AUTOINCREMENT, n INTEGER, b BLOB)")
+    rows = [(i, bytes([i % 256]) * 3) for i in range(count)]
+    execute_rows(conn, "INSERT INTO t (n, b)", rows)
+    assert conn.execute("SELECT n, b FROM t ORDER BY seq").fetchall() == rows
+    execute_rows(
+        conn,
+        "UPDATE t SET n = v.column2 FROM (",
+        [(i, -i) for i, _ in rows],
+        ") AS v WHERE t.n = v.column1",
+    )
+    assert [n for (n,) in conn.execute("SELECT n FROM t ORDER BY seq")] == [-i for i, _ in rows]
