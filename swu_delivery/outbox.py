@@ -277,16 +277,21 @@ def _release(
                 (now,),
             )
             return cur.rowcount
-        conn.executemany(
-            "UPDATE messages SET lease_until = 0, due_at = ?, attempts = max(attempts - 1, 0)"
-            " WHERE id = ? AND state = 1 AND lease_until > 0",
-            [(now, i) for i in ids if i not in interrupted],
+        leased = ") AS v WHERE messages.id = v.column1 AND state = 1 AND lease_until > 0"
+        execute_rows(
+            conn,
+            "UPDATE messages SET lease_until = 0, due_at = v.column2,"
+            " attempts = max(attempts - 1, 0) FROM (",
+            [(i, now) for i in ids if i not in interrupted],
+            leased,
         )
-        conn.executemany(
-            "UPDATE messages SET lease_until = 0, due_at = ?, esp = ?, maybe_sent = 1,"
-            " reason = 'call interrupted by shutdown; it may have reached the ESP'"
-            " WHERE id = ? AND state = 1 AND lease_until > 0",
-            [(now, esp, i) for i, esp in interrupted.items()],
+        execute_rows(
+            conn,
+            "UPDATE messages SET lease_until = 0, due_at = v.column2, esp = v.column3,"
+            " maybe_sent = 1, reason = 'call interrupted by shutdown; it may have reached the ESP'"
+            " FROM (",
+            [(i, now, esp) for i, esp in interrupted.items()],
+            leased,
         )
         return len(ids)
 
